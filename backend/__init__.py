@@ -1,0 +1,1 @@
+"""Label Studio adapter for the ls-clickseg model: HTTP app, image access and brush RLE."""

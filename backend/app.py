@@ -1,0 +1,161 @@
+"""Flask app speaking Label Studio's ML-backend protocol.
+
+    GET  /health, /   -> {"status": "UP", "model_class", "model_version"}
+    POST /setup       -> {"model_version"}
+    POST /predict     -> {"results": [{"result", "score", "model_version"}, ...]}
+    POST /webhook     -> 201 {"action", "status"}; work runs in a background thread
+    GET  /versions    -> {"versions": [...]}
+
+Every error is JSON ``{"error": message}`` with a 4xx/5xx status; stack traces go to the
+log only. With BASIC_AUTH_USER/BASIC_AUTH_PASS set, every route needs those credentials.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Dict, Optional
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .config import Settings
+from .errors import BackendError
+from .logging_setup import configure_logging
+from .payload import as_object, bad_request
+from .service import ClickSegModel
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 256 * 1024 * 1024  # tasks carry every annotation's and draft's brush RLE
+WEBHOOK_WAIT_SECONDS = 0.05  # a webhook answer waits this long for a quick fit() result, then says "queued"
+EXTENSION_KEY = "clickseg"
+
+
+def _json_body() -> Any:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise bad_request("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def _credentials_match(settings: Settings) -> bool:
+    auth = request.authorization
+    if auth is None or auth.type != "basic":
+        return False
+    user_ok = hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+    pass_ok = hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+    return user_ok & pass_ok
+
+
+def _log_fit_failure(future) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("webhook handling failed", exc_info=exc)
+
+
+def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegModel] = None) -> Flask:
+    """The WSGI app; ``service`` defaults to ``ClickSegModel(settings)`` (model loaded lazily)."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    service = service or ClickSegModel(settings)
+    webhook_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook")
+
+    app = Flask("ls_clickseg")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False
+    app.extensions[EXTENSION_KEY] = service
+
+    @app.before_request
+    def authenticate() -> Optional[Response]:
+        g.started = time.perf_counter()
+        if settings.auth_enabled and not _credentials_match(settings):
+            response = jsonify({"error": "authentication required: send the BASIC_AUTH_USER / BASIC_AUTH_PASS credentials "
+                                         "(Label Studio: ML backend settings, Authentication method: Basic)"})
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Basic realm="ls-clickseg"'
+            return response
+        return None
+
+    @app.after_request
+    def log_request(response: Response) -> Response:
+        log.info("request", extra={
+            "method": request.method, "path": request.path, "status": response.status_code,
+            "ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 1),
+        })
+        return response
+
+    @app.errorhandler(BackendError)
+    def backend_error(exc: BackendError):
+        level = logging.WARNING if exc.status < 500 else logging.ERROR
+        log.log(level, "request failed", extra={"path": request.path, "status": exc.status, "error": exc.message})
+        return jsonify(exc.to_json()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify({"error": f"{exc.name}: {exc.description}"}), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        log.error("unexpected error", exc_info=exc, extra={"path": request.path})
+        return jsonify({"error": f"internal error ({type(exc).__name__}); see the backend log"}), 500
+
+    def health() -> Dict[str, str]:
+        return {"status": "UP", "model_class": type(service).__name__, "model_version": service.model_version}
+
+    app.add_url_rule("/health", "health", health, methods=["GET"])
+    app.add_url_rule("/", "index", health, methods=["GET"])
+
+    @app.post("/setup")
+    def setup():
+        body = as_object(_json_body(), "the /setup body")
+        schema = body.get("schema")
+        if schema is not None and not isinstance(schema, str):
+            raise bad_request("schema must be the label config string")
+        return service.setup(
+            project=body.get("project"), schema=schema, hostname=body.get("hostname"),
+            access_token=body.get("access_token"), extra_params=body.get("extra_params"),
+        )
+
+    @app.post("/predict")
+    def predict():
+        body = as_object(_json_body(), "the /predict body")
+        tasks = body.get("tasks")
+        if tasks is None:
+            raise bad_request("the /predict body has no 'tasks' list")
+        if not isinstance(tasks, list):
+            raise bad_request(f"'tasks' must be a list of tasks, got {type(tasks).__name__}")
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise bad_request("'params' must be an object")
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise bad_request("'label_config' must be a string")
+        results = service.predict(tasks, context=params.get("context"), label_config=label_config, project=body.get("project"))
+        return {"results": results}
+
+    @app.post("/webhook")
+    def webhook():
+        body = as_object(_json_body(), "the webhook payload")
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise bad_request("the webhook payload has no 'action' string")
+        future = webhook_worker.submit(service.fit, action, body)
+        future.add_done_callback(_log_fit_failure)
+        try:
+            status = future.result(timeout=WEBHOOK_WAIT_SECONDS).get("status", "ok")
+        except FutureTimeout:
+            status = "queued"
+        return {"action": action, "status": status}, 201
+
+    @app.get("/versions")
+    def versions():
+        return {"versions": service.versions()}
+
+    return app

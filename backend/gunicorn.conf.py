@@ -1,0 +1,36 @@
+"""gunicorn settings, all from the same environment variables as the app (see the README).
+
+The model is never loaded in the master: ``preload_app`` stays off and each worker loads
+the checkpoint after forking (``post_worker_init``), so CUDA is only ever initialised in
+the process that uses it. A checkpoint that fails to load stops the worker at boot.
+"""
+from backend.config import Settings
+from backend.logging_setup import JsonFormatter
+
+_settings = Settings.from_env()
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.workers
+threads = _settings.threads
+worker_class = "gthread"
+preload_app = False
+timeout = 300  # the first click on a large image downloads and encodes it on CPU
+graceful_timeout = 30
+loglevel = _settings.log_level.lower()
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": JsonFormatter}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stderr"], "level": _settings.log_level, "propagate": False},
+        "gunicorn.access": {"handlers": ["stderr"], "level": _settings.log_level, "propagate": False},
+    },
+}
+
+
+def post_worker_init(worker):
+    """Load the model in the freshly forked worker, before it serves a request."""
+    worker.wsgi.extensions["clickseg"].ensure_loaded()

@@ -1,0 +1,8 @@
+"""ls-clickseg model package: pure PyTorch click-based segmentation.
+
+Public entry points:
+- ``model.registry.create_model`` / ``list_models``: the architecture factory.
+- ``model.checkpoint.save_checkpoint`` / ``load_checkpoint``: self-describing, safe checkpoints.
+- ``model.predictor.ClickSegPredictor``: clicks -> probability map, with CFR.
+- ``python -m model.evaluate`` / ``python -m model.benchmark`` / ``python -m model.train``.
+"""

@@ -1,0 +1,215 @@
+"""Per-click latency of the predictor on synthetic images.
+
+For each image size and CFR setting (off: ``cfr_steps=0``; on: the predictor's
+defaults) it times, over ``--repeats`` fresh sessions on one image:
+
+- the first click: ``encode_image`` + ``predict`` (what a new image costs);
+- later clicks: clicks 2..5 on the same image, each with the previous map as ``prev_mask``.
+
+The clicks come from the standard ``Clicker`` on a synthetic blob object, so they
+follow the model's own errors. One untimed warm-up session per setting records
+the click sequence; the timed sessions replay it (the clicker's distance
+transforms stay outside the timings).
+
+    python -m model.benchmark --sizes 640x480,1024x768,4000x3000 --repeats 5 --threads 2 --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .clicks import Click, Clicker
+from .evaluate import PRED_THRESHOLD
+
+CLICKS_PER_SESSION = 5  # click 1 + later clicks 2..5
+
+
+def parse_sizes(text: str) -> List[Tuple[int, int]]:
+    """``"640x480,4000x3000"`` -> ``[(640, 480), (4000, 3000)]`` as (width, height)."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            w, h = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sizes: {part!r} is not WIDTHxHEIGHT (e.g. 640x480)") from None
+        if w < 32 or h < 32:
+            raise ValueError(f"--sizes: {part!r} is too small; both sides must be >= 32")
+        sizes.append((w, h))
+    return sizes
+
+
+def synthetic_scene(width: int, height: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """A textured background with one lobed blob: (image uint8 (H,W,3), object mask uint8 (H,W))."""
+    rng = np.random.default_rng(seed)
+
+    def smooth_noise(cells: int, channels: int) -> np.ndarray:
+        small = (rng.random((cells, cells, channels)) * 255).astype(np.uint8)
+        return np.asarray(Image.fromarray(small.squeeze()).resize((width, height), Image.BILINEAR), np.float32)
+
+    background = 0.6 * smooth_noise(6, 3) + 0.4 * smooth_noise(24, 3)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    cy, cx = 0.5 * height, 0.45 * width
+    ry, rx = 0.28 * height, 0.22 * width
+    angle = np.arctan2((yy - cy) / ry, (xx - cx) / rx)
+    radius = np.hypot((yy - cy) / ry, (xx - cx) / rx)
+    mask = radius <= 1.0 + 0.15 * np.sin(3 * angle)
+    shade = smooth_noise(12, 1)[..., None]
+    foreground = np.array([200, 60, 40], np.float32) + 0.25 * (shade - 128)
+    image = np.where(mask[..., None], foreground, background)
+    image += rng.normal(0, 6, size=(height, width, 1)).astype(np.float32)  # sensor noise
+    return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)
+
+
+def record_clicks(predictor, image: np.ndarray, gt: np.ndarray, n_clicks: int = CLICKS_PER_SESSION) -> List[Click]:
+    """Untimed session: the click sequence the standard clicker makes against this predictor."""
+    clicker = Clicker(gt)
+    state = predictor.encode_image(image)
+    prob = None
+    for _ in range(n_clicks):
+        clicker.make_next_click(None if prob is None else prob > PRED_THRESHOLD)
+        prob = predictor.predict(state, list(clicker.clicks), prob)
+    return list(clicker.clicks)
+
+
+def time_session(predictor, image: np.ndarray, clicks: Sequence[Click]) -> Tuple[float, List[float], List[int]]:
+    """(first-click ms incl. encode_image, later-click ms, CFR passes of the later clicks)."""
+    start = time.perf_counter()
+    state = predictor.encode_image(image)
+    prob = predictor.predict(state, clicks[:1], None)
+    first_ms = 1000 * (time.perf_counter() - start)
+    later_ms, passes = [], []
+    for k in range(2, len(clicks) + 1):
+        start = time.perf_counter()
+        prob = predictor.predict(state, clicks[:k], prob)
+        later_ms.append(1000 * (time.perf_counter() - start))
+        passes.append(int(getattr(predictor, "last_cfr_passes", 1)))
+    return first_ms, later_ms, passes
+
+
+@dataclass
+class BenchRow:
+    size: str  # WIDTHxHEIGHT
+    cfr: str  # "off" or "on (steps=N)"
+    first_p50_ms: float
+    first_p90_ms: float
+    later_p50_ms: float
+    later_p90_ms: float
+    mean_later_passes: float  # network passes per later click (1 = no CFR refinement)
+    samples_first: int
+    samples_later: int
+
+
+def benchmark_setting(predictor, size: Tuple[int, int], cfr: str, repeats: int, warmup: int = 1) -> BenchRow:
+    """Time ``repeats`` sessions of ``CLICKS_PER_SESSION`` clicks on a synthetic ``size`` image."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    image, gt = synthetic_scene(*size)
+    clicks = record_clicks(predictor, image, gt)
+    for _ in range(max(0, warmup - 1)):
+        time_session(predictor, image, clicks)
+    first, later, passes = [], [], []
+    for _ in range(repeats):
+        f, l, p = time_session(predictor, image, clicks)
+        first.append(f)
+        later += l
+        passes += p
+    return BenchRow(
+        size=f"{size[0]}x{size[1]}", cfr=cfr,
+        first_p50_ms=float(np.percentile(first, 50)), first_p90_ms=float(np.percentile(first, 90)),
+        later_p50_ms=float(np.percentile(later, 50)), later_p90_ms=float(np.percentile(later, 90)),
+        mean_later_passes=float(np.mean(passes)), samples_first=len(first), samples_later=len(later),
+    )
+
+
+def machine_info() -> Dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    header = ["size", "CFR", "first p50", "first p90", "later p50", "later p90", "passes/later"]
+    body = [[r.size, r.cfr, f"{r.first_p50_ms:.1f}", f"{r.first_p90_ms:.1f}", f"{r.later_p50_ms:.1f}",
+             f"{r.later_p90_ms:.1f}", f"{r.mean_later_passes:.2f}"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header) + "   (ms per click)", "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="checkpoint path (default: the embedded default)")
+    p.add_argument("--sizes", default="640x480,1024x768,4000x3000", help="comma-separated WIDTHxHEIGHT")
+    p.add_argument("--repeats", type=int, default=5, help="timed sessions per size and CFR setting")
+    p.add_argument("--warmup", type=int, default=1, help="untimed sessions per size and CFR setting (>= 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the table and machine info to this JSON file")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1 or args.warmup < 1:
+        raise SystemExit("--repeats, --threads and --warmup must be >= 1")
+    sizes = parse_sizes(args.sizes)
+
+    import torch
+
+    from .predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
+
+    torch.set_num_threads(args.threads)
+    checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
+    cfr_on = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device)
+    cfr_off = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, cfr_steps=0)
+    settings = [("off", cfr_off), (f"on (steps={cfr_on.cfr_steps})", cfr_on)]
+    info = machine_info()
+    print(f"checkpoint {checkpoint} ({cfr_on.model_version}), device {args.device}")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+
+    rows = []
+    for size in sizes:
+        for label, predictor in settings:
+            rows.append(benchmark_setting(predictor, size, label, args.repeats, args.warmup))
+            print(f"  done {rows[-1].size} CFR {label}", file=sys.stderr)
+    print(format_table(rows))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "checkpoint": checkpoint, "model_version": cfr_on.model_version, "device": args.device,
+            "repeats": args.repeats, "clicks_per_session": CLICKS_PER_SESSION, "machine": info,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "rows": [asdict(r) for r in rows],
+        }, indent=1))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

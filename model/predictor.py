@@ -1,0 +1,303 @@
+"""Clicks -> probability map, with Cascade-Forward Refinement (CFR) and zoom-in.
+
+    predictor = ClickSegPredictor.from_checkpoint(DEFAULT_CHECKPOINT)
+    state = predictor.encode_image(image)            # uint8 (H, W, 3), cache per image
+    prob = predictor.predict(state, clicks)           # float32 (H, W) in [0, 1]
+    prob = predictor.predict(state, clicks + [c], prev_mask=prob)
+
+All work happens on a *working* copy of the image whose long side is at most
+``max_working_side``; the result is resized back to the image's full size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint
+from .clicks import Click, encode_click_maps, validate_clicks
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.safetensors"
+MASK_THRESHOLD = 0.49  # CFR-ICL's binarisation threshold
+
+
+@dataclass(frozen=True)
+class Box:
+    """Half-open pixel box ``[y0, y1) x [x0, x1)`` in working-image pixels."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+
+@dataclass
+class ImageState:
+    """Per-image work cached between clicks on the same image."""
+
+    height: int  # original image size
+    width: int
+    working: torch.Tensor  # (1, 3, h, w) float in [0, 1]
+    full_view_prepared: object = None  # net.prepare_image of the full-view input
+    full_view_flipped: object = None
+    # The last returned full-size map and its working-size twin, so feeding it back costs nothing.
+    last_output: Optional[np.ndarray] = field(default=None, repr=False)
+    last_output_working: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def working_size(self) -> Tuple[int, int]:
+        return int(self.working.shape[-2]), int(self.working.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        total = self.working.numel() * self.working.element_size()
+        for t in (self.full_view_prepared, self.full_view_flipped, self.last_output_working):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        if self.last_output is not None:
+            total += self.last_output.nbytes
+        return total
+
+
+def validate_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be RGB (H, W, 3), got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image has zero size {image.shape[1]}x{image.shape[0]}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    return image
+
+
+def _network_shape(height: int, width: int, input_size: int, multiple: int) -> Tuple[int, int]:
+    """Input shape for a ``height x width`` view: long side about ``input_size``, sides multiples of ``multiple``."""
+    scale = input_size / max(height, width)
+    return (max(multiple, int(round(height * scale / multiple)) * multiple),
+            max(multiple, int(round(width * scale / multiple)) * multiple))
+
+
+def _resize(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    shrinking = size[0] < t.shape[-2] or size[1] < t.shape[-1]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+class ClickSegPredictor:
+    """CFR inference around any registered network.
+
+    Args:
+        net: a network from ``model.registry.create_model`` (in eval mode).
+        cfr_steps: extra passes that feed the prediction back as the mask input (0 = CFR off).
+        cfr_min_change: stop the CFR loop once at most this many input pixels flip at 0.49.
+        cfr_clicks: CFR runs only while the number of clicks is at most this (None = always).
+        zoom_in: from the second click on, predict on a crop around the mask and clicks.
+        flip: average with the prediction on the horizontally flipped input.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        cfr_steps: int = 2,
+        cfr_min_change: int = 20,
+        cfr_clicks: Optional[int] = None,
+        zoom_in: bool = True,
+        zoom_expansion: float = 1.4,
+        zoom_min_crop: int = 64,
+        flip: bool = False,
+        max_working_side: int = 1280,
+        device: Union[str, torch.device] = "cpu",
+    ):
+        if cfr_steps < 0:
+            raise ValueError(f"cfr_steps must be >= 0, got {cfr_steps}")
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.input_size = int(net.arch_config["input_size"])
+        self.size_multiple = int(net.size_multiple)
+        self.click_radius = float(net.click_radius)
+        self.cfr_steps = cfr_steps
+        self.cfr_min_change = cfr_min_change
+        self.cfr_clicks = cfr_clicks
+        self.zoom_in = zoom_in
+        self.zoom_expansion = zoom_expansion
+        self.zoom_min_crop = zoom_min_crop
+        self.flip = flip
+        self.max_working_side = max_working_side
+        self.last_cfr_passes = 0  # passes run by the last predict(), for benchmarks and tests
+        self._last_state: Optional[ImageState] = None
+        self._last_image: Optional[np.ndarray] = None
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path] = DEFAULT_CHECKPOINT, device: str = "cpu", **options) -> "ClickSegPredictor":
+        return cls(load_checkpoint(path, map_location=device), device=device, **options)
+
+    @property
+    def model_version(self) -> str:
+        meta = getattr(self.net, "checkpoint_meta", {}) or {}
+        if meta.get("version"):
+            return str(meta["version"])
+        path = getattr(self.net, "checkpoint_path", None)
+        return f"{self.net.arch_name}:{Path(path).stem}" if path else self.net.arch_name
+
+    # --- per-image work --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_image(self, image: np.ndarray) -> ImageState:
+        """Decode-side work done once per image: working copy + full-view features."""
+        image = validate_image(image)
+        h, w = image.shape[:2]
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        scale = min(1.0, self.max_working_side / max(h, w))
+        if scale < 1.0:
+            tensor = _resize(tensor, (max(1, round(h * scale)), max(1, round(w * scale))))
+        state = ImageState(height=h, width=w, working=tensor)
+        full_view = _resize(tensor, _network_shape(*state.working_size, self.input_size, self.size_multiple))
+        state.full_view_prepared = self.net.prepare_image(full_view)
+        if self.flip:
+            state.full_view_flipped = self.net.prepare_image(full_view.flip(-1))
+        return state
+
+    # --- prediction ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        image: Union[np.ndarray, ImageState],
+        clicks: Sequence[Click],
+        prev_mask: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """Probability map (H, W) float32 for ``clicks`` (full-image pixels) on ``image``.
+
+        ``image`` is an ``ImageState`` from ``encode_image`` or a uint8 array (re-encoded
+        unless it is the array of the previous call). ``prev_mask`` is the previous
+        probability map (H, W) of this object, or None.
+        """
+        state = self._state_for(image)
+        clicks = list(clicks)
+        validate_clicks(clicks, state.height, state.width)
+        prev_working = self._prev_mask_working(state, prev_mask)
+
+        box = self._zoom_box(state, clicks, prev_working) if self.zoom_in and len(clicks) > 1 else None
+        use_cfr = self.cfr_clicks is None or len(clicks) <= self.cfr_clicks
+        prob_view = self._predict_view(state, box, clicks, prev_working, self.cfr_steps if use_cfr else 0)
+
+        wh, ww = state.working_size
+        if box is None:
+            prob_working = _resize(prob_view, (wh, ww))
+        else:
+            prob_working = torch.zeros(1, 1, wh, ww, device=self.device)
+            prob_working[..., box.y0:box.y1, box.x0:box.x1] = _resize(prob_view, (box.height, box.width))
+        full = _resize(prob_working, (state.height, state.width))[0, 0].clamp_(0, 1).float().cpu().numpy()
+        state.last_output, state.last_output_working = full, prob_working
+        return full
+
+    def _state_for(self, image: Union[np.ndarray, ImageState]) -> ImageState:
+        if isinstance(image, ImageState):
+            return image
+        if self._last_image is not image or self._last_state is None:
+            self._last_state = self.encode_image(image)
+            self._last_image = image
+        return self._last_state
+
+    def _prev_mask_working(self, state: ImageState, prev_mask: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+        if prev_mask is None:
+            return None
+        if prev_mask is state.last_output:
+            return state.last_output_working
+        prev_mask = np.asarray(prev_mask)
+        if prev_mask.shape != (state.height, state.width):
+            raise ValueError(
+                f"prev_mask has shape {prev_mask.shape}, expected the image's (H, W) = ({state.height}, {state.width})"
+            )
+        t = torch.from_numpy(np.ascontiguousarray(prev_mask, dtype=np.float32)).to(self.device)[None, None]
+        return _resize(t, state.working_size).clamp_(0, 1)
+
+    def _zoom_box(self, state: ImageState, clicks: Sequence[Click], prev: Optional[torch.Tensor]) -> Optional[Box]:
+        """RITM-style zoom-in: box around the current mask and all clicks, expanded; None = full view."""
+        wh, ww = state.working_size
+        sy, sx = wh / state.height, ww / state.width
+        ys = [c.y * sy for c in clicks]
+        xs = [c.x * sx for c in clicks]
+        if prev is not None:
+            rows = torch.nonzero((prev[0, 0] > MASK_THRESHOLD).any(dim=1)).flatten()
+            cols = torch.nonzero((prev[0, 0] > MASK_THRESHOLD).any(dim=0)).flatten()
+            if len(rows):
+                ys += [float(rows[0]), float(rows[-1])]
+                xs += [float(cols[0]), float(cols[-1])]
+        cy, cx = (min(ys) + max(ys)) / 2, (min(xs) + max(xs)) / 2
+        min_crop = min(self.zoom_min_crop, wh, ww)
+        bh = max((max(ys) - min(ys) + 1) * self.zoom_expansion, min_crop)
+        bw = max((max(xs) - min(xs) + 1) * self.zoom_expansion, min_crop)
+        if bh >= 0.8 * wh and bw >= 0.8 * ww:
+            return None
+        bh, bw = min(bh, wh), min(bw, ww)
+        y0 = int(np.clip(round(cy - bh / 2), 0, wh - math.ceil(bh)))
+        x0 = int(np.clip(round(cx - bw / 2), 0, ww - math.ceil(bw)))
+        return Box(y0, min(wh, y0 + math.ceil(bh)), x0, min(ww, x0 + math.ceil(bw)))
+
+    def _predict_view(self, state: ImageState, box: Optional[Box], clicks: Sequence[Click],
+                      prev_working: Optional[torch.Tensor], cfr_steps: int) -> torch.Tensor:
+        """CFR loop on one view (full image or zoom box). Returns prob (1, 1, ih, iw) at input size."""
+        wh, ww = state.working_size
+        if box is None:
+            view_h, view_w, oy, ox = wh, ww, 0, 0
+            prepared, prepared_flipped = state.full_view_prepared, state.full_view_flipped
+        else:
+            view_h, view_w, oy, ox = box.height, box.width, box.y0, box.x0
+        ih, iw = _network_shape(view_h, view_w, self.input_size, self.size_multiple)
+        if box is not None:
+            crop = _resize(state.working[..., box.y0:box.y1, box.x0:box.x1], (ih, iw))
+            prepared = self.net.prepare_image(crop)
+            prepared_flipped = self.net.prepare_image(crop.flip(-1)) if self.flip else None
+        if self.flip and prepared_flipped is None:  # flip switched on after encode_image
+            prepared_flipped = self.net.prepare_image(_resize(state.working, (ih, iw)).flip(-1))
+            state.full_view_flipped = prepared_flipped
+
+        # full image pixel -> working pixel -> input pixel (pixel centres preserved)
+        sy, sx = wh / state.height, ww / state.width
+        ry, rx = ih / view_h, iw / view_w
+        view_clicks = [
+            Click(((c.y + 0.5) * sy - oy) * ry - 0.5, ((c.x + 0.5) * sx - ox) * rx - 0.5, c.is_positive) for c in clicks
+        ]
+        mask = None
+        if prev_working is not None:
+            mask = _resize(prev_working[..., oy:oy + view_h, ox:ox + view_w], (ih, iw))
+
+        prob = self._forward(prepared, prepared_flipped, view_clicks, mask, ih, iw)
+        self.last_cfr_passes = 1
+        for _ in range(cfr_steps):
+            new_prob = self._forward(prepared, prepared_flipped, view_clicks, prob, ih, iw)
+            self.last_cfr_passes += 1
+            flipped = ((new_prob > MASK_THRESHOLD) != (prob > MASK_THRESHOLD)).sum().item()
+            prob = new_prob
+            if flipped <= self.cfr_min_change:
+                break
+        return prob
+
+    def _forward(self, prepared, prepared_flipped, clicks: Sequence[Click], mask: Optional[torch.Tensor],
+                 ih: int, iw: int) -> torch.Tensor:
+        maps = encode_click_maps(clicks, ih, iw, mask, radius=self.click_radius, device=self.device)
+        prob = self._prob(prepared, maps, ih, iw)
+        if prepared_flipped is not None:
+            prob = 0.5 * (prob + self._prob(prepared_flipped, maps.flip(-1), ih, iw).flip(-1))
+        return prob
+
+    def _prob(self, prepared, maps: torch.Tensor, ih: int, iw: int) -> torch.Tensor:
+        logits = self.net.forward_prepared(prepared, maps)
+        return torch.sigmoid(_resize(logits.float(), (ih, iw)))

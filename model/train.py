@@ -1,0 +1,488 @@
+"""ICL trainer: ``python -m model.train --config configs/default.yaml [--set key=value ...]``.
+
+Iterative Click Loss (CFR-ICL): each sample starts from random initial clicks and an
+empty mask; then ``t`` rounds (t drawn from 1..max_rounds). Each round predicts, adds
+``beta[i] * loss(pred_i, gt)``, simulates the next click from the errors and feeds the
+detached prediction back as the mask. The summed loss is back-propagated once.
+With ``icl.loss_rounds: last`` only the last round carries a loss (the non-ICL baseline).
+
+Resumable (model, optimiser, scheduler, step; sampling is seeded by step), atomic
+checkpoints, CPU or CUDA (with mixed precision).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from scipy.ndimage import distance_transform_edt
+
+from .augment import AugmentConfig, color_jitter, object_crop, suem_copy_paste
+from .checkpoint import load_checkpoint, save_checkpoint
+from .clicks import IGNORE_VALUE, Click, encode_click_maps
+from .data import ObjectRef, ObjectSample, parse_dataset_spec
+from .losses import LOSSES
+from .registry import create_model
+
+log = logging.getLogger("model.train")
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+@dataclass
+class ICLConfig:
+    beta: List[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
+    max_rounds: int = 3
+    loss_rounds: str = "all"  # "all" = ICL; "last" = loss on the last round only (baseline)
+
+
+@dataclass
+class LossConfig:
+    name: str = "nfl"
+    alpha: float = 0.5
+    gamma: float = 2.0
+
+
+@dataclass
+class ClickConfig:
+    max_initial_positive: int = 3
+    max_initial_negative: int = 2
+
+
+@dataclass
+class DatasetConfig:
+    spec: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class ValidationConfig:
+    spec: str = ""
+    max_objects: int = 40
+    every: int = 500
+    max_clicks: int = 10
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "effnet-lite"
+    arch_config: Dict[str, Any] = field(default_factory=dict)
+    init: str = "imagenet"  # "imagenet", "scratch" or a checkpoint path
+    datasets: List[DatasetConfig] = field(default_factory=list)
+    out_dir: str = "runs/default"
+    steps: int = 10000
+    batch_size: int = 8
+    lr: float = 5e-4
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    freeze_backbone: bool = False
+    icl: ICLConfig = field(default_factory=ICLConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    clicks: ClickConfig = field(default_factory=ClickConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision, CUDA only
+    threads: int = 0  # torch CPU threads, 0 = torch default
+
+
+def _build_dataclass(cls, data: Dict[str, Any], path: str = ""):
+    """``cls(**data)`` recursively, rejecting unknown keys by their full name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path or 'root'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ValueError(f"unknown config key {name!r}")
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
+        if dataclasses.is_dataclass(default):
+            value = _build_dataclass(type(default), value, name)
+        elif key == "datasets":
+            value = [_build_dataclass(DatasetConfig, d, f"{name}[{i}]") for i, d in enumerate(value)]
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(data: Dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        data = data.setdefault(k, {})
+    data[keys[-1]] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML)."""
+    data: Dict[str, Any] = {}
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(value))
+    return _build_dataclass(TrainConfig, data)
+
+
+def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+# --- object sources ---------------------------------------------------------------------------
+
+class ObjectSource:
+    """A sequence of objects: ``len(source)`` and ``source.load(i) -> ObjectSample``."""
+
+    def __init__(self, items: Sequence[ObjectRef | ObjectSample], name: str):
+        if len(items) == 0:
+            raise ValueError(f"dataset {name!r} has no usable objects")
+        self.items, self.name = list(items), name
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> ObjectSample:
+        item = self.items[index]
+        return item.load() if isinstance(item, ObjectRef) else item
+
+
+def sources_from_config(config: TrainConfig) -> List[Tuple[ObjectSource, float]]:
+    sources = []
+    for d in config.datasets:
+        objects = parse_dataset_spec(d.spec)
+        for path, reason in objects.skipped:
+            log.warning("dataset %s: skipped %s (%s)", d.spec, path, reason)
+        sources.append((ObjectSource(objects.refs, d.spec), d.weight))
+    if not sources:
+        raise ValueError("config has no datasets")
+    return sources
+
+
+# --- click simulation -------------------------------------------------------------------------
+
+def _padded_dt(mask: np.ndarray) -> np.ndarray:
+    return distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+
+
+def sample_initial_clicks(gt: np.ndarray, rng: np.random.Generator, cfg: ClickConfig) -> List[Click]:
+    """Random positive clicks inside the object (away from its edge) and negatives near it."""
+    obj = gt == 1
+    dt = _padded_dt(obj)
+    inner = dt >= max(1.0, 0.2 * dt.max())
+    n_pos = 1 + int(rng.choice(cfg.max_initial_positive, p=_decaying(cfg.max_initial_positive)))
+    n_neg = int(rng.choice(cfg.max_initial_negative + 1, p=_decaying(cfg.max_initial_negative + 1)))
+    clicks = [Click(float(y), float(x), True) for y, x in _pick(inner, n_pos, rng)]
+    background = (gt == 0)
+    near = background & (_padded_dt(~obj) <= 0.3 * gt.shape[0])
+    clicks += [Click(float(y), float(x), False) for y, x in _pick(near if near.any() else background, n_neg, rng)]
+    return clicks
+
+
+def _decaying(n: int) -> np.ndarray:
+    p = 0.5 ** np.arange(n)
+    return p / p.sum()
+
+
+def _pick(region: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    coords = np.argwhere(region)
+    if len(coords) == 0 or n == 0:
+        return np.zeros((0, 2), int)
+    return coords[rng.choice(len(coords), size=min(n, len(coords)), replace=False)]
+
+
+def next_click_from_errors(pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
+    """Click in the larger error region, at a random point whose distance transform exceeds half its max."""
+    valid = gt != IGNORE_VALUE
+    fn = (gt == 1) & ~pred & valid
+    fp = (gt == 0) & pred & valid
+    region, positive = (fn, True) if fn.sum() >= fp.sum() else (fp, False)
+    if not region.any():
+        return None
+    dt = _padded_dt(region)
+    y, x = _pick(dt > dt.max() / 2, 1, rng)[0] if (dt > dt.max() / 2).any() else np.argwhere(dt == dt.max())[0]
+    return Click(float(y), float(x), positive)
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+def make_training_pair(sources, rng: np.random.Generator, size: int, aug: AugmentConfig):
+    """One augmented ``(image uint8 (S,S,3), gt uint8 (S,S))`` with a non-empty object."""
+    weights = np.array([w for _, w in sources], float)
+    for _ in range(20):
+        source = sources[rng.choice(len(sources), p=weights / weights.sum())][0]
+        sample = source.load(int(rng.integers(len(source))))
+        if not (sample.mask == 1).any():
+            continue
+        image, gt = object_crop(sample.image, sample.mask, size, rng, aug.object_scale)
+        if not (gt == 1).any():
+            continue
+        other_source = sources[rng.choice(len(sources), p=weights / weights.sum())][0]
+        other = other_source.load(int(rng.integers(len(other_source))))
+        if (other.mask == 1).any():
+            other_image, other_mask = object_crop(other.image, other.mask, size, rng, aug.object_scale)
+            image, new_gt, _ = suem_copy_paste(image, gt, other_image, other_mask, aug, rng)
+            if (new_gt == 1).sum() >= 16:
+                gt = new_gt
+        if rng.uniform() < aug.flip:
+            image, gt = image[:, ::-1], gt[:, ::-1]
+        if aug.color_jitter > 0:
+            image = color_jitter(image, rng, aug.color_jitter)
+        return np.ascontiguousarray(image), np.ascontiguousarray(gt)
+    raise RuntimeError("could not draw a training sample with a non-empty object in 20 tries")
+
+
+def click_maps_batch(clicks: Sequence[Sequence[Click]], prev: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) click maps for per-sample clicks and previous masks ``prev`` (B, 1, H, W)."""
+    b, _, h, w = prev.shape
+    return torch.cat([encode_click_maps(c, h, w, prev[i, 0], device=prev.device) for i, c in enumerate(clicks)])
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_network(config: TrainConfig) -> nn.Module:
+    if config.init in ("imagenet", "scratch"):
+        net = create_model(config.arch, config.arch_config)
+        if config.init == "imagenet":
+            if config.arch != "effnet-lite":
+                raise ValueError(f"init 'imagenet' is available for effnet-lite only, not {config.arch!r}")
+            from .effnet_lite import load_imagenet_backbone
+            load_imagenet_backbone(net)
+        return net
+    return load_checkpoint(config.init, expect_arch=config.arch).train()
+
+
+def backbone_parameters(net: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(backbone, rest): backbone = modules named conv_stem / bn1 / blocks / backbone."""
+    backbone, rest = [], []
+    for name, p in net.named_parameters():
+        (backbone if name.split(".")[0] in ("conv_stem", "bn1", "blocks", "backbone") else rest).append(p)
+    return backbone, rest
+
+
+class Trainer:
+    """Owns the network, optimiser and schedule; ``run()`` trains to ``config.steps``."""
+
+    def __init__(self, config: TrainConfig, sources=None, on_progress: Optional[Callable[[Dict], None]] = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.sources = sources if sources is not None else sources_from_config(config)
+        self.loss_fn = LOSSES.get(config.loss.name)
+        if self.loss_fn is None:
+            raise ValueError(f"unknown loss {config.loss.name!r}; known: {', '.join(LOSSES)}")
+        if config.icl.loss_rounds not in ("all", "last"):
+            raise ValueError(f"icl.loss_rounds must be 'all' or 'last', got {config.icl.loss_rounds!r}")
+        if len(config.icl.beta) < config.icl.max_rounds:
+            raise ValueError(f"icl.beta needs {config.icl.max_rounds} weights, got {config.icl.beta}")
+        self.on_progress = on_progress
+        self.net = build_network(config).to(self.device)
+        self.input_size = int(self.net.arch_config["input_size"])
+        backbone, rest = backbone_parameters(self.net)
+        if config.freeze_backbone:
+            for p in backbone:
+                p.requires_grad_(False)
+            groups = [{"params": rest, "lr": config.lr}]
+        else:
+            groups = [{"params": backbone, "lr": config.lr * config.backbone_lr_mult}, {"params": rest, "lr": config.lr}]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.step = 0
+        self.best_metric = math.inf
+        self.history: List[Dict[str, float]] = []
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        self._resume()
+
+    def _lr_factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.config.warmup_steps))
+        progress = min(1.0, step / max(1, self.config.steps))
+        return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # --- checkpoints ---
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def _resume(self) -> None:
+        if not self.state_path.exists():
+            return
+        state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_metric = float(state["best_metric"])
+        self.history = json.loads(state["history"])
+        log.info("resumed from %s at step %d", self.state_path, self.step)
+
+    def save_state(self) -> None:
+        state = {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "history": json.dumps(self.history),
+        }
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def export(self, name: str, metrics: Optional[Dict] = None) -> Path:
+        meta = {
+            "training_data": [d.spec for d in self.config.datasets] or [s.name for s, _ in self.sources],
+            "steps": self.step,
+            "icl": dataclasses.asdict(self.config.icl),
+            "metrics": metrics or {},
+        }
+        return save_checkpoint(self.net, self.out_dir / f"{name}.safetensors", meta=meta, half=True)
+
+    # --- one step ---
+    def _batch(self, rng: np.random.Generator):
+        pairs = [make_training_pair(self.sources, rng, self.input_size, self.config.augment)
+                 for _ in range(self.config.batch_size)]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float().div_(255)
+        gts = np.stack([p[1] for p in pairs])
+        return images.to(self.device), gts
+
+    def train_step(self) -> Dict[str, float]:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, self.step])  # sampling depends on (seed, step) only: exact resume
+        torch.manual_seed(cfg.seed * 100003 + self.step)
+        images, gts_np = self._batch(rng)
+        gts = torch.from_numpy(gts_np)[:, None].to(self.device)
+        clicks = [sample_initial_clicks(g, rng, cfg.clicks) for g in gts_np]
+        rounds = int(rng.integers(1, cfg.icl.max_rounds + 1))
+        prev = torch.zeros(len(clicks), 1, self.input_size, self.input_size, device=self.device)
+        self.net.train()
+        total = torch.zeros((), device=self.device)
+        for r in range(rounds):
+            carries_loss = cfg.icl.loss_rounds == "all" or r == rounds - 1
+            with torch.set_grad_enabled(carries_loss), torch.autocast(self.device.type, enabled=self.use_amp):
+                logits = self.net(images, click_maps_batch(clicks, prev))
+                logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            if carries_loss:
+                total = total + cfg.icl.beta[r] * self.loss_fn(logits, gts, **self._loss_kwargs()).mean()
+            prob = torch.sigmoid(logits.detach().float())
+            if r < rounds - 1:
+                pred_np = (prob[:, 0] > 0.49).cpu().numpy()
+                for i in range(len(clicks)):
+                    nxt = next_click_from_errors(pred_np[i], gts_np[i], rng)
+                    if nxt is not None:
+                        clicks[i] = clicks[i] + [nxt]
+                prev = prob
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        pred = prob[:, 0] > 0.49
+        valid = gts[:, 0] != IGNORE_VALUE
+        obj = (gts[:, 0] == 1) & valid
+        inter = (pred & obj).sum((1, 2)).float()
+        union = ((pred & valid) | obj).sum((1, 2)).float().clamp(min=1)
+        return {"loss": float(total.detach()), "iou": float((inter / union).mean()), "rounds": rounds}
+
+    def _loss_kwargs(self) -> Dict[str, float]:
+        return {"alpha": self.config.loss.alpha, "gamma": self.config.loss.gamma} if self.config.loss.name == "nfl" else {}
+
+    # --- validation ---
+    def validate(self) -> Optional[Dict[str, float]]:
+        v = self.config.validation
+        if not v.spec:
+            return None
+        from .evaluate import evaluate_objects
+        from .data import open_objects
+        from .predictor import ClickSegPredictor
+        objects = open_objects(v.spec, max_objects=v.max_objects, seed=0)
+        self.net.eval()
+        result = evaluate_objects(ClickSegPredictor(self.net, device=self.device), objects, max_clicks=v.max_clicks)
+        self.net.train()
+        return result.summary()
+
+    def run(self) -> Dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.config
+        log_path = self.out_dir / "log.jsonl"
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            stats = self.train_step()
+            stats["sec_per_step"] = time.perf_counter() - t0
+            stats["step"] = self.step
+            stats["lr"] = self.scheduler.get_last_lr()[-1]
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", iou=f"{stats['iou']:.3f}", s=f"{stats['sec_per_step']:.2f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+            if self.on_progress:
+                self.on_progress(stats)
+            val_due = cfg.validation.spec and (self.step % cfg.validation.every == 0 or self.step == cfg.steps)
+            if val_due:
+                summary = self.validate()
+                metric = summary["noc@90"]
+                self.history.append({"step": self.step, **summary})
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": self.step, "validation": summary}) + "\n")
+                if metric <= self.best_metric:
+                    self.best_metric = metric
+                    self.export("best", {"validation": summary, "validation_spec": cfg.validation.spec})
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_state()
+                self.export("last")
+        bar.close()
+        return {"step": self.step, "best_noc90": self.best_metric, "history": self.history}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, value parsed as YAML); repeatable")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
+    result = Trainer(config).run()
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+    main()

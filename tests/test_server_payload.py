@@ -1,0 +1,129 @@
+"""Label config, context and task parsing: the shapes Label Studio 1.23 sends, and clear 400s."""
+from __future__ import annotations
+
+import pytest
+
+from backend.errors import BackendError
+from backend.payload import (
+    current_group,
+    finished_brush_regions,
+    parse_context,
+    parse_label_config,
+    task_image_url,
+)
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Object"/><Label value="Car"/></BrushLabels>
+  <KeyPointLabels name="tag2" toName="image" smart="true">
+    <Label value="Object" smart="true"/><Label value="Car" smart="true"/>
+  </KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="Object"/></RectangleLabels>
+  <Image name="other" value="$other"/>
+  <KeyPointLabels name="kp_other" toName="other" smart="true"><Label value="Thing"/></KeyPointLabels>
+</View>"""
+
+
+def keypoint(x, y, label="Object", is_positive=None, from_name="tag2", to_name="image"):
+    item = {
+        "original_width": 160, "original_height": 120, "image_rotation": 0,
+        "value": {"x": x, "y": y, "width": 0.78, "keypointlabels": [label], "labels": [label]},
+        "id": f"kp{x}-{y}", "from_name": from_name, "to_name": to_name, "type": "keypointlabels", "origin": "manual",
+    }
+    if is_positive is not None:
+        item["is_positive"] = is_positive
+    return item
+
+
+def status_and_message(fn, *args):
+    with pytest.raises(BackendError) as info:
+        fn(*args)
+    return info.value.status, info.value.message
+
+
+def test_label_config_maps_controls_and_image_fields():
+    config = parse_label_config(CONFIG)
+    assert config.image_fields == {"image": "image", "other": "other"}
+    assert config.controls["tag2"].tag == "KeyPointLabels"
+    assert config.brush_output("image", "Car") == ("tag", "Car")
+
+
+def test_brush_output_needs_a_brush_control_with_the_label():
+    config = parse_label_config(CONFIG)
+    status, message = status_and_message(config.brush_output, "image", "Dog")
+    assert status == 400 and "'Dog'" in message and "tag: Object, Car" in message
+    status, message = status_and_message(config.brush_output, "other", "Thing")
+    assert status == 400 and "no BrushLabels control with toName='other'" in message
+
+
+@pytest.mark.parametrize("xml", ["", "<View><Image", 17])
+def test_invalid_label_config_is_a_400(xml):
+    status, message = status_and_message(parse_label_config, xml)
+    assert status == 400 and "label_config" in message
+
+
+def test_is_positive_true_false_and_absent():
+    config = parse_label_config(CONFIG)
+    prompts = parse_context({"result": [keypoint(10, 20, is_positive=True), keypoint(30, 40, is_positive=False),
+                                         keypoint(50, 60)]}, config)
+    assert [p.is_positive for p in prompts] == [True, False, True]
+    assert (prompts[1].x, prompts[1].y, prompts[1].label, prompts[1].control) == (30, 40, "Object", "tag2")
+
+
+def test_rectangles_are_prompts_and_other_region_types_are_ignored():
+    config = parse_label_config(CONFIG)
+    rect = {"type": "rectanglelabels", "from_name": "box", "to_name": "image",
+            "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0, "rectanglelabels": ["Object"]}}
+    brush = {"type": "brushlabels", "from_name": "tag", "to_name": "image", "value": {"format": "rle", "rle": [1]}}
+    prompts = parse_context({"result": [brush, rect]}, config)
+    assert len(prompts) == 1 and prompts[0].kind == "rectangle" and prompts[0].starts_object
+
+
+@pytest.mark.parametrize("context, fragment", [
+    ({"result": []}, "no keypoints or rectangles"),
+    ({}, "no keypoints or rectangles"),
+    ({"result": "x"}, "must be a list"),
+    ("clicks", "must be an object"),
+    ({"result": [keypoint(100.5, 20)]}, "value.x=100.5 is outside 0-100"),
+    ({"result": [keypoint(10, -1)]}, "value.y=-1.0 is outside 0-100"),
+    ({"result": [keypoint(10, "7")]}, "value.y must be a finite number"),
+    ({"result": [keypoint(10, 20, from_name="nope")]}, "unknown control name 'nope'"),
+    ({"result": [keypoint(10, 20, from_name="tag")]}, "'tag' is a BrushLabels"),
+    ({"result": [keypoint(10, 20, to_name="elsewhere")]}, "to_name 'elsewhere'"),
+    ({"result": [dict(keypoint(10, 20), is_positive="yes")]}, "is_positive must be true or false"),
+])
+def test_bad_contexts_are_400s_naming_the_problem(context, fragment):
+    status, message = status_and_message(parse_context, context, parse_label_config(CONFIG))
+    assert status == 400 and fragment in message
+
+
+def test_current_group_keeps_the_newest_prompts_image_and_label():
+    config = parse_label_config(CONFIG)
+    prompts = parse_context({"result": [keypoint(1, 1), keypoint(2, 2, label="Car"), keypoint(3, 3),
+                                         keypoint(4, 4, label="Thing", from_name="kp_other", to_name="other"),
+                                         keypoint(5, 5)]}, config)
+    assert [p.x for p in current_group(prompts)] == [1, 3, 5]
+
+
+def test_task_image_field_missing_or_empty_is_a_400():
+    config = parse_label_config(CONFIG)
+    assert task_image_url({"data": {"image": "/data/upload/1/a.png"}}, config, "image", "tasks[0]") == "/data/upload/1/a.png"
+    status, message = status_and_message(task_image_url, {"data": {"img": "x"}}, config, "image", "tasks[0]")
+    assert status == 400 and "no field 'image'" in message
+    status, message = status_and_message(task_image_url, {"data": {"image": ""}}, config, "image", "tasks[0]")
+    assert status == 400 and "non-empty image URL" in message
+
+
+def test_finished_regions_come_from_annotations_and_drafts_with_the_label():
+    def brush(region_id, label, to_name="image"):
+        return {"id": region_id, "type": "brushlabels", "to_name": to_name, "from_name": "tag",
+                "original_width": 4, "original_height": 3,
+                "value": {"format": "rle", "rle": [0, 1, 2], "brushlabels": [label]}}
+    task = {
+        "annotations": [{"result": [brush("a1", "Object"), brush("a2", "Car")]}],
+        "drafts": [{"result": [brush("d1", "Object"), brush("d2", "Object", to_name="other"),
+                               {"type": "keypointlabels", "value": {"x": 1, "y": 1}}]}],
+    }
+    regions = finished_brush_regions(task, "image", "Object")
+    assert [r.region_id for r in regions] == ["a1", "d1"]
+    assert (regions[0].width, regions[0].height, regions[0].rle) == (4, 3, (0, 1, 2))

@@ -1,0 +1,282 @@
+"""Shared helpers of the server tests (no tests here): loopback servers, Label Studio-shaped
+payloads (as recorded from Label Studio 1.23.2 in shared/reference/label-studio-1.23.2-calls.jsonl),
+a fake Label Studio that serves uploads, and a deterministic colour-region predictor."""
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import requests
+from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
+from PIL import Image
+from scipy import ndimage
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from backend.rle import mask_to_rle
+from model.clicks import Click
+
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Object" background="#FF0000"/>
+  </BrushLabels>
+  <KeyPointLabels name="tag2" toName="image" smart="true">
+    <Label value="Object" smart="true" background="#FF0000"/>
+  </KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true">
+    <Label value="Object" background="#FF0000"/>
+  </RectangleLabels>
+</View>"""
+
+PROJECT = "1.1795419391"
+API_KEY = "0123456789abcdef0123456789abcdef01234567"  # a legacy token: 40 hex characters
+
+
+# --- loopback HTTP --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve(wsgi_app) -> Iterator[str]:
+    """Run ``wsgi_app`` on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+class FakeLabelStudio:
+    """Serves ``/data/upload/...`` files to requests with ``Authorization: Token <API_KEY>``."""
+
+    def __init__(self):
+        self.files: Dict[str, Tuple[bytes, str]] = {}
+        self.requests: List[str] = []
+
+    def add(self, path: str, body: bytes, content_type: str = "image/png") -> str:
+        self.files[path] = (body, content_type)
+        return path
+
+    def __call__(self, environ, start_response):
+        request = Request(environ)
+        self.requests.append(request.path)
+        if request.headers.get("Authorization") != f"Token {API_KEY}":
+            response = Response('{"detail": "Authentication credentials were not provided."}', 401,
+                                content_type="application/json")
+        elif request.path in self.files:
+            body, content_type = self.files[request.path]
+            response = Response(body, 200, content_type=content_type)
+        else:
+            response = Response('{"detail": "Not found."}', 404, content_type="application/json")
+        return response(environ, start_response)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- Label Studio-shaped payloads --------------------------------------------------------------
+
+
+def keypoint(x: float, y: float, is_positive: Optional[bool] = True, region_id: str = "",
+             width: int = 160, height: int = 120, label: str = "Object") -> dict:
+    """A smart keypoint of ``params.context.result`` (x, y in percent); None omits ``is_positive``."""
+    item = {
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"x": x, "y": y, "width": 0.78, "keypointlabels": [label], "labels": [label]},
+        "id": region_id or f"kp{x:.3f}{y:.3f}".replace(".", "")[:10],
+        "from_name": "tag2", "to_name": "image", "type": "keypointlabels", "origin": "manual",
+    }
+    if is_positive is not None:
+        item["is_positive"] = is_positive
+    return item
+
+
+def pixel_keypoint(col: int, row: int, is_positive: Optional[bool] = True, width: int = 160, height: int = 120) -> dict:
+    """A keypoint on the centre of pixel (row, col)."""
+    return keypoint((col + 0.5) / width * 100, (row + 0.5) / height * 100, is_positive, width=width, height=height)
+
+
+def rectangle(x0: int, y0: int, x1: int, y1: int, width: int = 160, height: int = 120) -> dict:
+    """A smart rectangle covering pixels [x0, x1) x [y0, y1)."""
+    return {
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"x": x0 / width * 100, "y": y0 / height * 100, "width": (x1 - x0) / width * 100,
+                  "height": (y1 - y0) / height * 100, "rotation": 0, "rectanglelabels": ["Object"]},
+        "id": f"rect{x0}{y0}", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+    }
+
+
+def brush_result(mask: np.ndarray, region_id: str, label: str = "Object") -> dict:
+    height, width = mask.shape
+    return {
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        "id": region_id, "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual",
+    }
+
+
+def annotation(results: Sequence[dict], annotation_id: int = 1, task_id: int = 1) -> dict:
+    return {
+        "id": annotation_id, "completed_by": 1, "result": list(results), "was_cancelled": False,
+        "ground_truth": False, "created_at": "2026-11-23T07:36:32.695252Z", "updated_at": "2026-11-23T07:36:32.695278Z",
+        "draft_created_at": None, "lead_time": 2.0, "prediction": {}, "result_count": len(results),
+        "unique_id": "88dbd289-659c-4dce-a875-d51e24c5b9df", "import_id": None, "last_action": None,
+        "bulk_created": False, "task": task_id, "project": 1, "updated_by": 1, "parent_prediction": None,
+        "parent_annotation": None, "last_created_by": None,
+    }
+
+
+def draft(results: Sequence[dict], draft_id: int = 1, task_id: int = 1, annotation_id: Optional[int] = None) -> dict:
+    return {
+        "id": draft_id, "user": "e2e@example.com", "created_username": "e2e@example.com, 1",
+        "created_ago": "0\u00a0minutes", "result": list(results), "lead_time": 1.0, "was_postponed": False,
+        "import_id": None, "created_at": "2026-11-23T07:36:33.298041Z", "updated_at": "2026-11-23T07:36:33.298076Z",
+        "task": task_id, "annotation": annotation_id,
+    }
+
+
+def interactive_task(image_url: str, task_id: int = 1, annotations: Sequence[dict] = (),
+                     drafts: Sequence[dict] = ()) -> dict:
+    """A task as Label Studio expands it for an interactive call (annotations and drafts included)."""
+    return {
+        "id": task_id, "annotations": list(annotations), "file_upload": image_url.rsplit("/", 1)[-1],
+        "drafts": list(drafts),
+        "predictions": [{
+            "id": 1, "result": [], "model_version": "recording-0.1", "created_ago": "0\u00a0minutes", "score": 0.0,
+            "cluster": None, "neighbors": None, "mislabeling": 0.0, "created_at": "2026-11-23T07:36:32.285460Z",
+            "updated_at": "2026-11-23T07:36:32.285475Z", "model": None, "model_run": None, "task": task_id, "project": 1,
+        }],
+        "data": {"image": image_url}, "meta": {}, "created_at": "2026-11-23T07:36:31.869629Z",
+        "updated_at": "2026-11-23T07:36:32.282573Z", "allow_skip": True, "inner_id": task_id,
+        "total_annotations": len(annotations), "cancelled_annotations": 0, "total_predictions": 1,
+        "comment_count": 0, "unresolved_comment_count": 0, "last_comment_updated_at": None, "project": 1,
+        "updated_by": 1, "comment_authors": [],
+    }
+
+
+def batch_task(image_url: str, task_id: int = 2) -> dict:
+    """A task as Label Studio sends it for batch predictions (opening a task, Retrieve predictions)."""
+    return {
+        "id": task_id, "data": {"image": image_url}, "meta": {}, "created_at": "2026-11-23T07:36:31.869686Z",
+        "updated_at": "2026-11-23T07:36:31.869691Z", "is_labeled": False, "overlap": 1, "inner_id": task_id,
+        "total_annotations": 0, "cancelled_annotations": 0, "total_predictions": 0, "comment_count": 0,
+        "unresolved_comment_count": 0, "last_comment_updated_at": None, "project": 1, "updated_by": None,
+        "file_upload": task_id, "comment_authors": [], "annotations": [], "predictions": [],
+    }
+
+
+def predict_body(tasks: Sequence[dict], context: Optional[dict], label_config: str = LABEL_CONFIG) -> dict:
+    return {
+        "tasks": list(tasks), "project": PROJECT, "label_config": label_config,
+        "params": {"login": None, "password": None, "context": context},
+    }
+
+
+def setup_body(label_config: str = LABEL_CONFIG, hostname: str = "http://127.0.0.1:50819") -> dict:
+    return {"project": PROJECT, "schema": label_config, "hostname": hostname, "access_token": API_KEY,
+            "extra_params": None}
+
+
+def webhook_body(action: str) -> dict:
+    return {"action": action, "project": {"id": 1, "title": "e2e", "label_config": LABEL_CONFIG},
+            "annotation": {"id": 1, "result": [], "task": 1}, "task": {"id": 1, "data": {"image": "/data/upload/1/a.png"}}}
+
+
+def decode_region(region: dict) -> np.ndarray:
+    """The bool mask of a returned brush region, decoded with the Label Studio SDK."""
+    height, width = region["original_height"], region["original_width"]
+    rgba = sdk_decode_rle(region["value"]["rle"]).reshape(height, width, 4)
+    return rgba[:, :, 3] > 0
+
+
+def post(url: str, body, **kwargs) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else None
+    json_body = None if data is not None else body
+    return requests.post(url, json=json_body, data=data, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+
+# --- a deterministic stand-in for the network ---------------------------------------------------
+
+BACKGROUND = (0, 0, 0)
+HARD = (0, 200, 0)  # object pixels a click elsewhere on the object does not reach
+
+
+@dataclass
+class FakeImageState:
+    height: int
+    width: int
+    image: np.ndarray
+    last_output: Optional[np.ndarray] = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + (self.last_output.nbytes if self.last_output is not None else 0)
+
+
+class ColourRegionPredictor:
+    """Segments the connected non-background region under each positive click.
+
+    Pixels of colour ``HARD`` join only when a positive click lies on them, and a negative
+    click removes the pixels of its colour: enough structure to need refinement clicks.
+    Records ``(number of clicks, prev_mask given)`` of every predict call.
+    """
+
+    model_version = "colour-regions"
+
+    def __init__(self):
+        self.calls: List[Tuple[int, bool]] = []
+
+    def encode_image(self, image: np.ndarray) -> FakeImageState:
+        return FakeImageState(image.shape[0], image.shape[1], image)
+
+    def predict(self, state: FakeImageState, clicks: Sequence[Click], prev_mask=None) -> np.ndarray:
+        self.calls.append((len(clicks), prev_mask is not None))
+        image = state.image
+        foreground = np.any(image != BACKGROUND, axis=2)
+        components, _ = ndimage.label(foreground)
+        colour_at = lambda c: tuple(image[int(round(c.y)), int(round(c.x))])  # noqa: E731
+        hard = np.all(image == HARD, axis=2)
+        mask = np.zeros(foreground.shape, bool)
+        positives = [c for c in clicks if c.is_positive]
+        for c in positives:
+            label = components[int(round(c.y)), int(round(c.x))]
+            if label:
+                mask |= components == label
+        if not any(colour_at(c) == HARD for c in positives):
+            mask &= ~hard
+        for c in clicks:
+            if not c.is_positive and colour_at(c) != BACKGROUND:
+                mask &= ~np.all(image == colour_at(c), axis=2)
+        prob = mask.astype(np.float32)
+        state.last_output = prob
+        return prob
+
+
+def three_object_image() -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """A 160x120 scene with objects A (red, with a HARD strip), B (blue, with a cyan part), C (yellow).
+
+    Returns the image and each object's full mask (B's without its cyan part as "B_core").
+    """
+    image = np.zeros((120, 160, 3), np.uint8)
+    image[10:50, 10:40] = (220, 30, 30)   # A: red body
+    image[10:50, 40:48] = HARD             # A: a strip the first click misses
+    image[60:100, 20:60] = (30, 30, 220)  # B: blue body
+    image[60:100, 60:70] = (0, 220, 220)  # B: a cyan part that a negative click removes
+    image[20:70, 100:150] = (230, 230, 20)  # C: yellow
+    masks = {name: np.zeros((120, 160), bool) for name in ("A_body", "A", "B", "B_core", "C")}
+    masks["A_body"][10:50, 10:40] = True
+    masks["A"][10:50, 10:48] = True
+    masks["B"][60:100, 20:70] = True
+    masks["B_core"][60:100, 20:60] = True
+    masks["C"][20:70, 100:150] = True
+    return image, masks

@@ -65,7 +65,7 @@ class TrackedObject:
     start: int  # index of its first prompt in the group's prompt sequence
     result_id: str
     clicks: List[Click]
-    prob: Optional[np.ndarray] = None  # float32 (H, W)
+    prob: np.ndarray  # float32 (H, W)
     crop: Optional[PixelBox] = None  # box prompts: the mask is zero outside this box
 
     @property
@@ -80,6 +80,7 @@ class ClickHistory:
     keys: List[Tuple] = field(default_factory=list)  # prompt keys applied so far, in order
     starts: List[int] = field(default_factory=list)  # indices into ``keys`` where objects started
     current: Optional[TrackedObject] = None
+    region_masks: Dict["RegionKey", Optional[np.ndarray]] = field(default_factory=dict)  # see RegionMasks
 
 
 # --- geometry ------------------------------------------------------------------------------
@@ -156,36 +157,52 @@ def same_object(candidate: np.ndarray, current: np.ndarray) -> bool:
 # --- rule 2: saved masks close objects --------------------------------------------------------
 
 
+RegionKey = Tuple[str, int, int, int]  # (region id, width, height, hash of the RLE)
+
+
 class RegionMasks:
-    """Brush regions decoded on first use; a corrupt RLE is logged and ignored."""
+    """Saved brush regions, decoded on first use into bit-packed masks kept in ``cache``.
 
-    def __init__(self, regions: Sequence[BrushRegion]):
+    ``cache`` (a ``ClickHistory.region_masks``) keeps decoded regions across requests, so a
+    click does not decode every saved mask again; entries for regions that are no longer
+    in the task are dropped by ``prune``. A corrupt RLE is logged and ignored.
+    """
+
+    def __init__(self, regions: Sequence[BrushRegion], cache: Optional[Dict[RegionKey, Optional[np.ndarray]]] = None):
         self.regions = list(regions)
-        self._masks: Dict[int, Optional[np.ndarray]] = {}
+        self.cache = {} if cache is None else cache
+        self._keys = [(r.region_id, r.width, r.height, hash(r.rle)) for r in self.regions]
 
-    def mask(self, index: int) -> Optional[np.ndarray]:
-        if index not in self._masks:
+    def packed(self, index: int) -> Optional[np.ndarray]:
+        key = self._keys[index]
+        if key not in self.cache:
             region = self.regions[index]
             try:
-                self._masks[index] = rle_to_mask(list(region.rle), region.height, region.width)
+                self.cache[key] = np.packbits(rle_to_mask(list(region.rle), region.height, region.width), axis=None)
             except ValueError as exc:
                 log.warning("ignoring a saved brush region with a corrupt RLE",
                             extra={"region_id": region.region_id, "reason": str(exc)})
-                self._masks[index] = None
-        return self._masks[index]
+                self.cache[key] = None
+        return self.cache[key]
 
     def contains(self, prompt: Prompt, excluded_ids: Set[str]) -> bool:
         for i, region in enumerate(self.regions):
             if region.region_id in excluded_ids:
                 continue
-            mask = self.mask(i)
-            if mask is None:
+            packed = self.packed(i)
+            if packed is None:
                 continue
             x, y = anchor_point(prompt, region.height, region.width)
             row, col = min(int(y), region.height - 1), min(int(x), region.width - 1)
-            if row >= 0 and col >= 0 and mask[row, col]:
+            index = row * region.width + col
+            if row >= 0 and col >= 0 and (packed[index >> 3] >> (7 - (index & 7))) & 1:
                 return True
         return False
+
+    def prune(self) -> None:
+        """Forget decoded regions that this request's task no longer has."""
+        for key in set(self.cache) - set(self._keys):
+            del self.cache[key]
 
 
 def first_active_index(prompts: Sequence[Prompt], regions: RegionMasks, excluded_ids: Set[str]) -> int:
@@ -226,16 +243,16 @@ class ObjectTracker:
         self._object_id = object_id
         self.predictions = 0  # model calls made by this tracker (for logs and tests)
 
-    def segment(self, history: ClickHistory, prompts: Sequence[Prompt], regions: Sequence[BrushRegion]) -> TrackedObject:
+    def segment(self, history: ClickHistory, prompts: Sequence[Prompt], regions: RegionMasks) -> TrackedObject:
         if not prompts:
             raise ValueError("segment needs at least one prompt")
         keys = [p.key for p in prompts]
         current = history.current
         excluded = {current.result_id} if current is not None else set()
-        first = first_active_index(prompts, RegionMasks(regions), excluded)
+        first = first_active_index(prompts, regions, excluded)
         common = _common_prefix(history.keys, keys)
 
-        if current is not None and current.prob is not None and common == len(history.keys) and current.start >= first:
+        if current is not None and common == len(history.keys) and current.start >= first:
             begin = common  # the request extends what was applied: continue the current object
         else:
             unchanged_starts = [s for s in history.starts if s < common]

@@ -17,16 +17,15 @@ preload_app = False
 timeout = 300  # the first click on a large image downloads and encodes it on CPU
 graceful_timeout = 30
 loglevel = _settings.log_level.lower()
-accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+accesslog = None  # the app logs every request itself (method, path, status, ms) as JSON
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": JsonFormatter}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"level": _settings.log_level, "handlers": []},  # the app adds its JSON handler (configure_logging)
     "loggers": {
         "gunicorn.error": {"handlers": ["stderr"], "level": _settings.log_level, "propagate": False},
-        "gunicorn.access": {"handlers": ["stderr"], "level": _settings.log_level, "propagate": False},
     },
 }
 

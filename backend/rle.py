@@ -67,7 +67,7 @@ def _encode_runs(lengths: np.ndarray, run_values: np.ndarray, num: int) -> list[
     flag = ((token_lengths > 1) | is_long).astype(np.uint64)
     count_field = (token_lengths - 1).astype(np.uint64)
     codes = (
-        (flag << (field_bits + np.uint64(10)))
+        (flag << (field_bits + np.uint64(WORD_SIZE + 2)))
         | (size_index << (field_bits + np.uint64(WORD_SIZE)))
         | (count_field << np.uint64(WORD_SIZE))
         | token_values

@@ -22,7 +22,7 @@ import numpy as np
 from model.clicks import Click
 from model.predictor import ClickSegPredictor, ImageState
 
-from .click_selection import ClickHistory, ObjectTracker
+from .click_selection import ClickHistory, ObjectTracker, RegionMasks
 from .config import Settings
 from .errors import BackendError
 from .images import ImageFetcher
@@ -190,11 +190,13 @@ class ClickSegModel:
                 predict=lambda clicks, prev: self._run_model(predictor, state, clicks, prev),
                 object_id=lambda prompt: object_id(project, tid, prompt),
             )
+            saved = RegionMasks(regions, history.region_masks)
             try:
-                obj = tracker.segment(history, prompts, regions)
+                obj = tracker.segment(history, prompts, saved)
             except BaseException:
                 session.histories.pop(group, None)  # never keep a half-applied history
                 raise
+            saved.prune()
             mask = obj.mask
             score = float(obj.prob[mask].mean()) if mask.any() else 0.0
             rle = mask_to_rle(mask)
@@ -225,7 +227,7 @@ class ClickSegModel:
         image = self.fetcher.fetch(url, task_id=tid, project_id=project_id)
         with self._model_lock:
             state = self.predictor.encode_image(image)
-        log.info("image encoded", extra={"task": tid, "width": state.width, "height": state.height,
+        log.info("image fetched and encoded", extra={"task": tid, "width": state.width, "height": state.height,
                                           "ms": round((time.perf_counter() - started) * 1000, 1)})
         return TaskSession(image_state=state)
 

@@ -46,7 +46,8 @@ class TaskSession:
         last_output = getattr(state, "last_output", None)
         own = state.nbytes - (last_output.nbytes if last_output is not None else 0)
         maps = [last_output] + [h.current.prob for h in self.histories.values() if h.current is not None]
-        return own + distinct_nbytes(maps)
+        regions = [m for h in self.histories.values() for m in h.region_masks.values()]
+        return own + distinct_nbytes(maps) + distinct_nbytes(regions)
 
 
 class ByteLRU:

@@ -429,7 +429,8 @@ class Trainer:
         from .predictor import ClickSegPredictor
         objects = open_objects(v.spec, max_objects=v.max_objects, seed=0)
         self.net.eval()
-        result = evaluate_objects(ClickSegPredictor(self.net, device=self.device), objects, max_clicks=v.max_clicks)
+        result = evaluate_objects(ClickSegPredictor(self.net, device=self.device), objects,
+                                  max_clicks=v.max_clicks, stop_at_iou=0.9)
         self.net.train()
         return result.summary()
 

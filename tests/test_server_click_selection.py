@@ -9,13 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from backend import click_selection
 from backend.app import create_app
 from backend.config import Settings
+from backend.payload import BrushRegion, parse_label_config, parse_prompt
 from backend.service import ClickSegModel
 from test_server_support import (
     API_KEY,
-    FakeLabelStudio,
+    LABEL_CONFIG,
     ColourRegionPredictor,
+    FakeLabelStudio,
+    annotation,
     brush_result,
     decode_region,
     draft,
@@ -129,8 +133,6 @@ def test_accepted_masks_select_the_object_without_any_memory(label_studio):
 
 
 def test_a_submitted_annotation_finishes_objects_like_a_draft(label_studio):
-    from test_server_support import annotation
-
     saved = [annotation([brush_result(MASKS["A"], "ann-a")])]
     body_items = [A1, A2, B1, B2]
     backend = Backend(label_studio)
@@ -179,3 +181,30 @@ def test_a_box_prompt_gives_a_mask_cropped_to_the_box(backend):
     expected = MASKS["B"].copy()
     expected[:, 65:] = False  # B's cyan part sticks out of the box
     assert np.array_equal(decode_region(region), expected)
+
+
+def test_saved_masks_are_decoded_once_per_task(backend, monkeypatch):
+    decoded = []
+    real = click_selection.rle_to_mask
+    monkeypatch.setattr(click_selection, "rle_to_mask", lambda *args: decoded.append(args[1:]) or real(*args))
+    accepted = [draft([brush_result(MASKS["A"], "a-region"), brush_result(MASKS["B_core"], "b-region")])]
+    assert_mask(backend.click(backend.url, SEQUENCE[:4], drafts=accepted), "B_core")
+    assert_mask(backend.click(backend.url, SEQUENCE[:5], drafts=accepted), "C")
+    assert decoded == [(120, 160), (120, 160)]
+
+
+def test_region_cache_forgets_regions_the_task_no_longer_has():
+    regions = [BrushRegion(name, 160, 120, tuple(brush_result(MASKS[name], name)["value"]["rle"]))
+               for name in ("A", "C")]
+    cache = {}
+    first = click_selection.RegionMasks(regions, cache)
+    assert first.contains(prompt(A1), set()) and not first.contains(prompt(B1), set())
+    assert first.contains(prompt(C1), set()) and not first.contains(prompt(C1), {"C"})
+    assert len(cache) == 2 and all(m.nbytes == 120 * 160 // 8 for m in cache.values())  # bit-packed
+    second = click_selection.RegionMasks(regions[:1], cache)
+    second.prune()
+    assert [key[0] for key in cache] == ["A"]
+
+
+def prompt(item):
+    return parse_prompt(item, parse_label_config(LABEL_CONFIG), "item")

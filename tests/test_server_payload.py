@@ -11,6 +11,7 @@ from backend.payload import (
     parse_label_config,
     task_image_url,
 )
+from test_server_support import keypoint
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -24,15 +25,8 @@ CONFIG = """<View>
 </View>"""
 
 
-def keypoint(x, y, label="Object", is_positive=None, from_name="tag2", to_name="image"):
-    item = {
-        "original_width": 160, "original_height": 120, "image_rotation": 0,
-        "value": {"x": x, "y": y, "width": 0.78, "keypointlabels": [label], "labels": [label]},
-        "id": f"kp{x}-{y}", "from_name": from_name, "to_name": to_name, "type": "keypointlabels", "origin": "manual",
-    }
-    if is_positive is not None:
-        item["is_positive"] = is_positive
-    return item
+def kp(x, y, label="Object", is_positive=True, from_name="tag2", to_name="image"):
+    return dict(keypoint(x, y, is_positive, label=label), from_name=from_name, to_name=to_name)
 
 
 def status_and_message(fn, *args):
@@ -64,8 +58,8 @@ def test_invalid_label_config_is_a_400(xml):
 
 def test_is_positive_true_false_and_absent():
     config = parse_label_config(CONFIG)
-    prompts = parse_context({"result": [keypoint(10, 20, is_positive=True), keypoint(30, 40, is_positive=False),
-                                         keypoint(50, 60)]}, config)
+    prompts = parse_context({"result": [kp(10, 20, is_positive=True), kp(30, 40, is_positive=False),
+                                         kp(50, 60, is_positive=None)]}, config)
     assert [p.is_positive for p in prompts] == [True, False, True]
     assert (prompts[1].x, prompts[1].y, prompts[1].label, prompts[1].control) == (30, 40, "Object", "tag2")
 
@@ -84,13 +78,13 @@ def test_rectangles_are_prompts_and_other_region_types_are_ignored():
     ({}, "no keypoints or rectangles"),
     ({"result": "x"}, "must be a list"),
     ("clicks", "must be an object"),
-    ({"result": [keypoint(100.5, 20)]}, "value.x=100.5 is outside 0-100"),
-    ({"result": [keypoint(10, -1)]}, "value.y=-1.0 is outside 0-100"),
-    ({"result": [keypoint(10, "7")]}, "value.y must be a finite number"),
-    ({"result": [keypoint(10, 20, from_name="nope")]}, "unknown control name 'nope'"),
-    ({"result": [keypoint(10, 20, from_name="tag")]}, "'tag' is a BrushLabels"),
-    ({"result": [keypoint(10, 20, to_name="elsewhere")]}, "to_name 'elsewhere'"),
-    ({"result": [dict(keypoint(10, 20), is_positive="yes")]}, "is_positive must be true or false"),
+    ({"result": [kp(100.5, 20)]}, "value.x=100.5 is outside 0-100"),
+    ({"result": [kp(10, -1)]}, "value.y=-1.0 is outside 0-100"),
+    ({"result": [dict(kp(10, 20), value={"x": 10, "y": "7"})]}, "value.y must be a finite number"),
+    ({"result": [kp(10, 20, from_name="nope")]}, "unknown control name 'nope'"),
+    ({"result": [kp(10, 20, from_name="tag")]}, "'tag' is a BrushLabels"),
+    ({"result": [kp(10, 20, to_name="elsewhere")]}, "to_name 'elsewhere'"),
+    ({"result": [dict(kp(10, 20), is_positive="yes")]}, "is_positive must be true or false"),
 ])
 def test_bad_contexts_are_400s_naming_the_problem(context, fragment):
     status, message = status_and_message(parse_context, context, parse_label_config(CONFIG))
@@ -99,9 +93,9 @@ def test_bad_contexts_are_400s_naming_the_problem(context, fragment):
 
 def test_current_group_keeps_the_newest_prompts_image_and_label():
     config = parse_label_config(CONFIG)
-    prompts = parse_context({"result": [keypoint(1, 1), keypoint(2, 2, label="Car"), keypoint(3, 3),
-                                         keypoint(4, 4, label="Thing", from_name="kp_other", to_name="other"),
-                                         keypoint(5, 5)]}, config)
+    prompts = parse_context({"result": [kp(1, 1), kp(2, 2, label="Car"), kp(3, 3),
+                                         kp(4, 4, label="Thing", from_name="kp_other", to_name="other"),
+                                         kp(5, 5)]}, config)
     assert [p.x for p in current_group(prompts)] == [1, 3, 5]
 
 

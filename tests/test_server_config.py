@@ -1,0 +1,57 @@
+"""Settings come from environment variables, with defaults and errors naming the variable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backend.config import Settings
+from model.predictor import DEFAULT_CHECKPOINT
+
+
+def test_defaults_serve_the_embedded_checkpoint():
+    settings = Settings.from_env({})
+    assert settings.checkpoint == DEFAULT_CHECKPOINT
+    assert (settings.device, settings.cfr_steps, settings.workers, settings.threads) == ("auto", 2, 1, 4)
+    assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9090, "INFO")
+    assert settings.session_cache_bytes == 1 << 30 and not settings.auth_enabled
+    assert settings.image_access.max_image_pixels == 50_000_000
+
+
+def test_every_variable_is_read(tmp_path):
+    settings = Settings.from_env({
+        "MODEL_DIR": str(tmp_path), "CHECKPOINT": "tuned.safetensors", "DEVICE": "cuda:1", "CFR_STEPS": "0",
+        "WORKERS": "3", "THREADS": "8", "LOG_LEVEL": "debug", "HOST": "127.0.0.1", "PORT": "8000",
+        "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw", "SESSION_CACHE_BYTES": "1000",
+        "LABEL_STUDIO_URL": "http://label-studio:8080", "LABEL_STUDIO_API_KEY": "k",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path), "ALLOWED_IMAGE_HOSTS": "a.example.com,b.example.com:8443",
+        "MAX_IMAGE_PIXELS": "1000000", "MAX_IMAGE_BYTES": "2000000",
+    })
+    assert settings.checkpoint == tmp_path / "tuned.safetensors"  # relative to MODEL_DIR
+    assert (settings.device, settings.cfr_steps, settings.workers, settings.threads) == ("cuda:1", 0, 3, 8)
+    assert (settings.host, settings.port, settings.log_level) == ("127.0.0.1", 8000, "DEBUG")
+    assert settings.auth_enabled and settings.session_cache_bytes == 1000
+    access = settings.image_access
+    assert access.label_studio_url == "http://label-studio:8080" and access.api_key == "k"
+    assert access.allowed_image_hosts == ("a.example.com", "b.example.com:8443")
+    assert (access.max_image_pixels, access.max_download_bytes) == (1_000_000, 2_000_000)
+
+
+def test_an_absolute_checkpoint_ignores_model_dir(tmp_path):
+    settings = Settings.from_env({"MODEL_DIR": "/elsewhere", "CHECKPOINT": str(tmp_path / "x.safetensors")})
+    assert settings.checkpoint == Path(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"CFR_STEPS": "two"}, "CFR_STEPS='two' is not an integer"),
+    ({"WORKERS": "0"}, "WORKERS=0 must be at least 1"),
+    ({"PORT": "-1"}, "PORT=-1"),
+    ({"DEVICE": "tpu"}, "DEVICE='tpu'"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD'"),
+    ({"BASIC_AUTH_PASS": "pw"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS"),
+    ({"MAX_IMAGE_PIXELS": "lots"}, "MAX_IMAGE_PIXELS"),
+])
+def test_bad_values_name_the_variable(env, fragment):
+    with pytest.raises(ValueError) as info:
+        Settings.from_env(env)
+    assert fragment in str(info.value)

@@ -3,8 +3,10 @@
     GET  /health, /   -> {"status": "UP", "model_class", "model_version"}
     POST /setup       -> {"model_version"}
     POST /predict     -> {"results": [{"result", "score", "model_version"}, ...]}
-    POST /webhook     -> 201 {"action", "status"}; work runs in a background thread
-    GET  /versions    -> {"versions": [...]}
+    POST /webhook     -> 201 {"action", "status"}; work runs in a background thread, training
+                         in a separate process (START_TRAINING -> "training started (job ...)")
+    GET  /versions    -> {"versions": [...], "default", "projects": {<project>: {"served", "versions"}}}
+    GET  /jobs/<project> -> the project's last training job: state, progress, step, loss, evaluation
 
 Every error is JSON ``{"error": message}`` with a 4xx/5xx status; stack traces go to the
 log only. With BASIC_AUTH_USER/BASIC_AUTH_PASS set, every route needs those credentials.
@@ -60,6 +62,12 @@ def _log_fit_failure(future) -> None:
         log.error("webhook handling failed", exc_info=exc)
 
 
+def _reason_phrase(message: str) -> str:
+    """Label Studio shows only the status line of a failed backend call, so it carries the message."""
+    text = " ".join(message.split()).encode("ascii", "replace").decode("ascii")
+    return text[:400] or "error"
+
+
 def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegModel] = None) -> Flask:
     """The WSGI app; ``service`` defaults to ``ClickSegModel(settings)`` (model loaded lazily)."""
     settings = settings or Settings.from_env()
@@ -95,7 +103,9 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
     def backend_error(exc: BackendError):
         level = logging.WARNING if exc.status < 500 else logging.ERROR
         log.log(level, "request failed", extra={"path": request.path, "status": exc.status, "error": exc.message})
-        return jsonify(exc.to_json()), exc.status
+        response = jsonify(exc.to_json())
+        response.status = f"{exc.status} {_reason_phrase(exc.message)}"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -146,6 +156,7 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise bad_request("the webhook payload has no 'action' string")
+        service.check_webhook(action, body)  # a malformed payload is a 400 here, not a log line later
         future = webhook_worker.submit(service.fit, action, body)
         future.add_done_callback(_log_fit_failure)
         try:
@@ -156,6 +167,10 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
 
     @app.get("/versions")
     def versions():
-        return {"versions": service.versions()}
+        return service.versions()
+
+    @app.get("/jobs/<project>")
+    def job(project: str):
+        return service.job_status(project)
 
     return app

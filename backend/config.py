@@ -2,12 +2,13 @@
 
 Image-access settings (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, LOCAL_FILES_DOCUMENT_ROOT,
 ALLOWED_IMAGE_HOSTS, MAX_IMAGE_PIXELS, MAX_IMAGE_BYTES) belong to ``backend.images`` and are
-read there by ``ImageAccessSettings.from_env``; ``Settings.from_env`` composes them.
+read there by ``ImageAccessSettings.from_env``; ``Settings.from_env`` composes them, and the
+fine-tuning settings (``FitSettings``: FIT_*, TRAIN_THREADS, TRAIN_EVERY_N_ANNOTATIONS).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -17,6 +18,18 @@ from .images import ImageAccessSettings
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEVICES_HINT = "cpu, cuda, cuda:<index> or auto"
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+# Every variable the settings read: a training job (``backend.fit_worker``) gets exactly these
+# values from the server that starts it, whatever its own environment holds.
+ENV_VARS = (
+    "MODEL_DIR", "CHECKPOINT", "DEVICE", "CFR_STEPS", "WORKERS", "THREADS", "LOG_LEVEL", "HOST", "PORT",
+    "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SESSION_CACHE_BYTES", "EXEMPLAR_MAX_TASKS",
+    "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "ALLOWED_IMAGE_HOSTS",
+    "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES",
+    "TRAIN_THREADS", "TRAIN_EVERY_N_ANNOTATIONS", "FIT_STEPS", "FIT_BATCH_SIZE", "FIT_LR", "FIT_FREEZE_BACKBONE",
+    "FIT_HOLDOUT_FRACTION", "FIT_EVAL_MAX_OBJECTS", "FIT_EVAL_MAX_CLICKS", "FIT_NICE",
+)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
@@ -32,6 +45,30 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} must lie between {low} and {high}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean (use {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)})")
+
+
 def _optional(env: Mapping[str, str], name: str) -> Optional[str]:
     value = env.get(name, "")
     return value if value != "" else None
@@ -42,6 +79,37 @@ def _device(raw: str) -> str:
     if device in ("cpu", "cuda", "auto") or (device.startswith("cuda:") and device[5:].isdigit()):
         return device
     raise ValueError(f"DEVICE={raw!r} is not one of {DEVICES_HINT}")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Fine-tuning on a project's annotations (``START_TRAINING``); see the README's fit section."""
+
+    steps: int = 100  # FIT_STEPS: optimiser steps per job
+    batch_size: int = 4  # FIT_BATCH_SIZE
+    lr: float = 3e-4  # FIT_LR: head learning rate (the backbone gets a tenth)
+    freeze_backbone: bool = False  # FIT_FREEZE_BACKBONE
+    holdout_fraction: float = 0.2  # FIT_HOLDOUT_FRACTION: tasks held out to evaluate before/after
+    eval_max_objects: int = 20  # FIT_EVAL_MAX_OBJECTS: held-out objects evaluated at most
+    eval_max_clicks: int = 10  # FIT_EVAL_MAX_CLICKS: clicks per object in the evaluation (NoC cap)
+    threads: int = 1  # TRAIN_THREADS: torch CPU threads of the training process
+    nice: int = 10  # FIT_NICE: niceness added to the training process (serving keeps priority)
+    every_n_annotations: int = 0  # TRAIN_EVERY_N_ANNOTATIONS: start a job every N new annotations (0: off)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "FitSettings":
+        return cls(
+            steps=_int(env, "FIT_STEPS", cls.steps, minimum=1),
+            batch_size=_int(env, "FIT_BATCH_SIZE", cls.batch_size, minimum=1),
+            lr=_float(env, "FIT_LR", cls.lr, low=1e-8, high=1.0),
+            freeze_backbone=_bool(env, "FIT_FREEZE_BACKBONE", cls.freeze_backbone),
+            holdout_fraction=_float(env, "FIT_HOLDOUT_FRACTION", cls.holdout_fraction, low=0.01, high=0.9),
+            eval_max_objects=_int(env, "FIT_EVAL_MAX_OBJECTS", cls.eval_max_objects, minimum=1),
+            eval_max_clicks=_int(env, "FIT_EVAL_MAX_CLICKS", cls.eval_max_clicks, minimum=1),
+            threads=_int(env, "TRAIN_THREADS", cls.threads, minimum=1),
+            nice=_int(env, "FIT_NICE", cls.nice, minimum=0),
+            every_n_annotations=_int(env, "TRAIN_EVERY_N_ANNOTATIONS", cls.every_n_annotations, minimum=0),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,6 +129,10 @@ class Settings:
     basic_auth_pass: Optional[str]
     session_cache_bytes: int
     image_access: ImageAccessSettings
+    exemplar_max_tasks: int = 2000
+    fit: FitSettings = field(default_factory=FitSettings)
+    # The variables of ENV_VARS as read (secrets included: never logged), handed to training jobs.
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def auth_enabled(self) -> bool:
@@ -94,4 +166,7 @@ class Settings:
             basic_auth_pass=password,
             session_cache_bytes=_int(env, "SESSION_CACHE_BYTES", 1 << 30, minimum=0),
             image_access=ImageAccessSettings.from_env(env),
+            exemplar_max_tasks=_int(env, "EXEMPLAR_MAX_TASKS", 2000, minimum=1),
+            fit=FitSettings.from_env(env),
+            environment={name: env[name] for name in ENV_VARS if name in env},
         )

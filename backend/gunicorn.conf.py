@@ -33,3 +33,4 @@ logconfig_dict = {
 def post_worker_init(worker):
     """Load the model in the freshly forked worker, before it serves a request."""
     worker.wsgi.extensions["clickseg"].ensure_loaded()
+control_socket_disable = True  # gunicorn's per-user control socket clashes when two backends share a host

@@ -2,17 +2,23 @@
 
     model = ClickSegModel(Settings.from_env())
     model.predict(tasks, context)   # -> one {"result", "score", "model_version"} per task
-    model.fit("START_TRAINING", data)
+    model.fit("START_TRAINING", data)   # -> {"status": "training started (job ...)"}
 
 Interactive requests (``context`` with smart keypoints / rectangles) return the current
 object's brush mask; batch requests (``context`` None) return empty results at once,
 without touching images or the model. The predictor is loaded lazily, in the process
 that serves (gunicorn loads it after forking), and all model calls are serialised.
+
+Each project is served its promoted fine-tuned version when it has one
+(``MODEL_DIR/<project>/current.json``, see ``backend.training_jobs``), else the default
+checkpoint. ``START_TRAINING`` starts a fine-tuning job in a separate process; annotation
+webhooks and interactive requests keep the exemplar store (``backend.exemplars``) current.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -25,6 +31,7 @@ from model.predictor import ClickSegPredictor, ImageState
 from .click_selection import ClickHistory, ObjectTracker, RegionMasks
 from .config import Settings
 from .errors import BackendError
+from .exemplars import SQLiteExemplarStore, project_key, regions_from_task, regions_from_webhook
 from .images import ImageFetcher
 from .payload import (
     Prompt,
@@ -38,10 +45,12 @@ from .payload import (
 )
 from .rle import mask_to_rle
 from .sessions import SessionStore, TaskSession
+from .training_jobs import JobManager, ProjectModels
 
 log = logging.getLogger(__name__)
 
 TRAINING_EVENTS = ("START_TRAINING",)
+CREATED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
 
 
 def resolve_device(device: str) -> str:
@@ -51,6 +60,14 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def normalized_project(project: Any) -> Optional[str]:
+    """The project id ("1.1795419391", 1, {"id": 1} -> "1"), None when there is no usable one."""
+    try:
+        return project_key(project)
+    except ValueError:
+        return None
 
 
 def object_id(project: str, task: int, prompt: Prompt) -> str:
@@ -80,6 +97,12 @@ class ClickSegModel:
         self.fetcher = fetcher or ImageFetcher(settings.image_access)
         self.sessions = SessionStore(settings.session_cache_bytes)
         self._label_configs: Dict[str, str] = {}  # project -> label config from /setup
+        self._setup_access_token: Optional[str] = None
+        self.project_models: ProjectModels[ClickSegPredictor] = ProjectModels(settings.model_dir, self._load_project_checkpoint)
+        self.jobs = JobManager(settings, setup_access_token=lambda: self._setup_access_token)
+        self._exemplars: Optional[SQLiteExemplarStore] = None
+        self._exemplars_failed = False
+        self._exemplars_lock = threading.Lock()
 
     # --- model ---------------------------------------------------------------------------------
 
@@ -112,7 +135,33 @@ class ClickSegModel:
 
     @property
     def model_version(self) -> str:
+        """The default model's version (projects without a promoted fine-tuned version)."""
         return self.predictor.model_version
+
+    def _load_project_checkpoint(self, path) -> ClickSegPredictor:
+        return ClickSegPredictor.from_checkpoint(path, device=resolve_device(self.settings.device),
+                                                 cfr_steps=self.settings.cfr_steps)
+
+    def predictor_for(self, project: Any) -> ClickSegPredictor:
+        """The project's promoted fine-tuned predictor, or the default one."""
+        key = normalized_project(project)
+        served = self.project_models.get(key) if key is not None else None
+        return served if served is not None else self.predictor
+
+    @property
+    def exemplars(self) -> Optional[SQLiteExemplarStore]:
+        """The exemplar store (``MODEL_DIR/exemplars.sqlite3``), opened on first use; None if it cannot be."""
+        if self._exemplars is None and not self._exemplars_failed:
+            with self._exemplars_lock:
+                if self._exemplars is None and not self._exemplars_failed:
+                    path = self.settings.model_dir / "exemplars.sqlite3"
+                    try:
+                        self._exemplars = SQLiteExemplarStore(path, max_tasks=self.settings.exemplar_max_tasks)
+                    except (OSError, sqlite3.Error) as exc:
+                        self._exemplars_failed = True
+                        log.error("the exemplar store cannot be opened; accepted masks are not remembered",
+                                  extra={"path": str(path), "reason": str(exc)})
+        return self._exemplars
 
     # --- label_studio_ml 2.x interface ---------------------------------------------------------
 
@@ -126,36 +175,86 @@ class ClickSegModel:
                             extra={"project": str(project)})
             self._label_configs[str(project)] = schema
         self.fetcher.set_setup_access_token(access_token)
+        self._setup_access_token = (access_token or "").strip() or None
         if hostname and not self.settings.image_access.label_studio_url:
             log.warning("LABEL_STUDIO_URL is not set, so uploaded images cannot be downloaded; "
                         "Label Studio reports its address as %s", hostname, extra={"hostname": hostname})
-        return {"model_version": self.model_version}
+        return {"model_version": self.predictor_for(project).model_version}
 
-    def versions(self) -> List[str]:
-        return [self.model_version]
+    def versions(self) -> Dict[str, Any]:
+        """``versions``: every servable version (the default first); ``projects``: per project, the
+        version served and each fine-tuned version with its evaluation."""
+        default = self.model_version
+        projects = {}
+        for project in self.jobs.projects():
+            trained = self.jobs.versions(project)
+            if trained:
+                projects[project] = {"served": self.jobs.served_version(project) or default, "versions": trained}
+        names = [default] + [v["version"] for p in projects.values() for v in p["versions"]]
+        return {"versions": names, "default": default, "projects": projects}
+
+    def job_status(self, project: Any) -> Dict[str, Any]:
+        """``GET /jobs/<project>``: the last training job of the project and the version it is served."""
+        key = normalized_project(project)
+        if key is None:
+            raise bad_request(f"{project!r} is not a Label Studio project id")
+        job = self.jobs.status(key)
+        served = self.jobs.served_version(key)
+        if served is None:
+            try:
+                served = self.model_version
+            except BackendError as exc:
+                job["serving_error"] = exc.message
+        job["served_version"] = served
+        return job
 
     def predict(self, tasks: Sequence[Any], context: Optional[Mapping[str, Any]] = None,
                 label_config: Optional[str] = None, project: Any = None, **kwargs: Any) -> List[Dict[str, Any]]:
         """One ``{"result", "score", "model_version"}`` per task."""
         if context is None:
-            return self._batch(tasks)
+            return self._batch(tasks, project)
         if len(tasks) != 1:
             raise bad_request(f"an interactive request (params.context set) must carry exactly one task, got {len(tasks)}")
         return [self._interactive(tasks[0], context, label_config, "" if project is None else str(project))]
 
+    def check_webhook(self, event: str, data: Mapping[str, Any]) -> None:
+        """Raise a 400 naming the problem when a webhook payload is malformed (quick: no I/O)."""
+        try:
+            if event in TRAINING_EVENTS:
+                project_key(data.get("project"))
+            regions_from_webhook(data)
+        except ValueError as exc:
+            raise bad_request(f"malformed {event} webhook: {exc}") from None
+
     def fit(self, event: str, data: Mapping[str, Any], **kwargs: Any) -> Dict[str, str]:
-        """Webhook events. Training is a later issue: START_TRAINING is acknowledged, nothing else is handled."""
+        """Webhook events: ``START_TRAINING`` starts a fine-tuning job for the project (in another
+        process; answers at once); annotation events update the exemplar store and, with
+        TRAIN_EVERY_N_ANNOTATIONS, start a job every N new annotations."""
+        self.check_webhook(event, data)
         if event in TRAINING_EVENTS:
-            log.warning("training requested but not implemented yet", extra={"event": event})
-            return {"status": "training not implemented yet"}
-        return {"status": "ignored"}
+            return {"status": self.jobs.start(project_key(data.get("project")), trigger=event).status}
+        changes = regions_from_webhook(data)
+        if changes is None:
+            return {"status": "ignored"}
+        store = self.exemplars
+        if store is not None:
+            try:
+                store.apply_webhook(changes)
+            except (ValueError, sqlite3.Error) as exc:
+                log.error("exemplar store update failed", extra={"event": event, "reason": str(exc)})
+        status = "ok"
+        if event in CREATED_EVENTS:
+            created = sum(1 for task in changes.tasks for regions in task.sources.values() if regions)
+            if self.jobs.count_annotations(changes.project, created):
+                status = "ok; training started"
+        return {"status": status}
 
     # --- batch -----------------------------------------------------------------------------------
 
-    def _batch(self, tasks: Sequence[Any]) -> List[Dict[str, Any]]:
+    def _batch(self, tasks: Sequence[Any], project: Any = None) -> List[Dict[str, Any]]:
         """Empty predictions: masks need clicks. Never loads images and never fails."""
         try:
-            version = self.model_version
+            version = self.predictor_for(project).model_version
         except BackendError:
             version = self.settings.checkpoint.stem
         return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
@@ -176,11 +275,14 @@ class ClickSegModel:
         tid = task_id(task, "tasks[0]")
         url = task_image_url(task, config, newest.image, "tasks[0]")
         regions = finished_brush_regions(task, newest.image, brush_label)
-        predictor = self.predictor
+        predictor = self.predictor_for(project or task.get("project"))
+        version = predictor.model_version
 
-        key = (project, tid, url)
+        # Sessions hold the model's image features: one model version never reads another's.
+        key = (project, tid, url, version)
         project_id = task.get("project") if isinstance(task.get("project"), int) else None
-        session = self.sessions.get_or_create(key, lambda: self._open_session(url, tid, project_id))
+        session = self.sessions.get_or_create(key, lambda: self._open_session(predictor, url, tid, project_id))
+        self._sync_exemplars(task, project, session.image_state)
         with session.lock:
             state = session.image_state
             group = (newest.image, newest.label)
@@ -203,7 +305,6 @@ class ClickSegModel:
             height, width = state.height, state.width
         self.sessions.remeasure(key)
 
-        version = predictor.model_version
         region = {
             "id": obj.result_id,
             "from_name": brush_control,
@@ -222,11 +323,21 @@ class ClickSegModel:
         })
         return {"result": [region], "score": score, "model_version": version}
 
-    def _open_session(self, url: str, tid: int, project_id: Optional[int]) -> TaskSession:
+    def _sync_exemplars(self, task: Mapping[str, Any], project: str, state: ImageState) -> None:
+        """Store the task's accepted brush masks (annotations, drafts); never fails the request."""
+        store = self.exemplars
+        if store is None:
+            return
+        try:
+            store.sync_task(regions_from_task(task, project or None), image_size=(state.height, state.width))
+        except (ValueError, sqlite3.Error) as exc:
+            log.warning("exemplar sync skipped", extra={"task": task.get("id"), "reason": str(exc)})
+
+    def _open_session(self, predictor: ClickSegPredictor, url: str, tid: int, project_id: Optional[int]) -> TaskSession:
         started = time.perf_counter()
         image = self.fetcher.fetch(url, task_id=tid, project_id=project_id)
         with self._model_lock:
-            state = self.predictor.encode_image(image)
+            state = predictor.encode_image(image)
         log.info("image fetched and encoded", extra={"task": tid, "width": state.width, "height": state.height,
                                           "ms": round((time.perf_counter() - started) * 1000, 1)})
         return TaskSession(image_state=state)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -84,7 +85,8 @@ def label_studio():
 
 def make_settings(label_studio, checkpoint, **env) -> Settings:
     base = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": API_KEY, "CHECKPOINT": str(checkpoint),
-            "MAX_IMAGE_BYTES": "100000", "LOG_LEVEL": "WARNING"}
+            "MAX_IMAGE_BYTES": "100000", "LOG_LEVEL": "WARNING",
+            "MODEL_DIR": tempfile.mkdtemp(prefix="ls-clickseg-test-")}  # jobs and the exemplar store write here
     return Settings.from_env({**base, **env})
 
 
@@ -143,7 +145,8 @@ def test_predict_without_label_config_uses_the_setup_schema(label_studio, checkp
 
 def test_versions(server, predictor):
     response = requests.get(f"{server}/versions", timeout=30)
-    assert response.status_code == 200 and response.json() == {"versions": [predictor.model_version]}
+    assert response.status_code == 200 and response.json()["versions"] == [predictor.model_version]
+    assert response.json()["projects"] == {}
 
 
 def test_interactive_request_shaped_as_label_studio_sends_it(server, predictor, trained):
@@ -223,12 +226,13 @@ def test_batch_predictions_are_empty_fast_and_download_nothing(server, label_stu
 
 
 def test_webhook_events(server):
-    for action, status in [("START_TRAINING", "training not implemented yet"), ("ANNOTATION_CREATED", "ignored"),
+    for action, status in [("START_TRAINING", "training started"), ("ANNOTATION_CREATED", "ok"),
                            ("SOMETHING_NEW", "ignored")]:
         started = time.perf_counter()
         response = post(f"{server}/webhook", webhook_body(action))
         assert time.perf_counter() - started < 0.1
-        assert response.status_code == 201 and response.json() == {"action": action, "status": status}
+        body = response.json()
+        assert response.status_code == 201 and body["action"] == action and body["status"].startswith(status), body
 
 
 def test_webhook_answers_at_once_while_slow_work_continues(label_studio, checkpoint, predictor):
@@ -373,6 +377,7 @@ def free_port() -> int:
 def test_gunicorn_serves_the_wsgi_app_with_json_logs(label_studio, checkpoint, tmp_path):
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "CHECKPOINT": str(checkpoint), "WORKERS": "1",
+           "MODEL_DIR": str(tmp_path / "model_dir"),
            "THREADS": "2", "DEVICE": "cpu", "LOG_LEVEL": "INFO", "LABEL_STUDIO_URL": label_studio.url,
            "LABEL_STUDIO_API_KEY": API_KEY, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw"}
     log_path = tmp_path / "gunicorn.log"

@@ -58,7 +58,7 @@ def unredact(value):
     return value
 
 
-def test_the_recorded_calls_replay_against_this_backend(calls):
+def test_the_recorded_calls_replay_against_this_backend(calls, tmp_path):
     label_studio = FakeLabelStudio()
     image = np.zeros((480, 640, 3), np.uint8)
     image[200:300, 250:350] = (200, 40, 40)
@@ -66,7 +66,8 @@ def test_the_recorded_calls_replay_against_this_backend(calls):
         for task in (record["body"] or {}).get("tasks", []):
             label_studio.add(task["data"]["image"], png_bytes(image))
     with serve(label_studio) as ls_url:
-        settings = Settings.from_env({"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": API_KEY, "LOG_LEVEL": "ERROR"})
+        settings = Settings.from_env({"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": API_KEY, "LOG_LEVEL": "ERROR",
+                                      "MODEL_DIR": str(tmp_path / "model_dir")})
         model = ClickSegModel(settings, predictor_factory=ColourRegionPredictor)
         with serve(create_app(settings, model)) as url:
             seen = set()

@@ -277,12 +277,24 @@ def build_network(config: TrainConfig) -> nn.Module:
     return load_checkpoint(config.init, expect_arch=config.arch).train()
 
 
+BACKBONE_MODULES = ("conv_stem", "bn1", "blocks", "backbone")  # top-level names of pretrained parts
+
+
 def backbone_parameters(net: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """(backbone, rest): backbone = modules named conv_stem / bn1 / blocks / backbone."""
+    """(backbone, rest): backbone = parameters under the top-level modules in BACKBONE_MODULES."""
     backbone, rest = [], []
     for name, p in net.named_parameters():
-        (backbone if name.split(".")[0] in ("conv_stem", "bn1", "blocks", "backbone") else rest).append(p)
+        (backbone if name.split(".")[0] in BACKBONE_MODULES else rest).append(p)
     return backbone, rest
+
+
+def set_train_mode(net: nn.Module, freeze_backbone: bool) -> None:
+    """Train mode; a frozen backbone also keeps its BatchNorm statistics fixed."""
+    net.train()
+    if freeze_backbone:
+        for name, module in net.named_modules():
+            if name.split(".")[0] in BACKBONE_MODULES and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 class Trainer:
@@ -386,7 +398,7 @@ class Trainer:
         clicks = [sample_initial_clicks(g, rng, cfg.clicks) for g in gts_np]
         rounds = int(rng.integers(1, cfg.icl.max_rounds + 1))
         prev = torch.zeros(len(clicks), 1, self.input_size, self.input_size, device=self.device)
-        self.net.train()
+        set_train_mode(self.net, cfg.freeze_backbone)
         total = torch.zeros((), device=self.device)
         for r in range(rounds):
             carries_loss = cfg.icl.loss_rounds == "all" or r == rounds - 1
@@ -431,7 +443,7 @@ class Trainer:
         self.net.eval()
         result = evaluate_objects(ClickSegPredictor(self.net, device=self.device), objects,
                                   max_clicks=v.max_clicks, stop_at_iou=0.9)
-        self.net.train()
+        set_train_mode(self.net, self.config.freeze_backbone)
         return result.summary()
 
     def run(self) -> Dict[str, Any]:

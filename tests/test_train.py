@@ -110,3 +110,14 @@ def test_shared_datasets_list_objects(shared_dir):
     assert len(wgisd.refs) > 20
     sample = wgisd.refs[0].load()
     assert sample.mask.shape == sample.image.shape[:2] and sample.mask.max() == 1
+
+
+def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(tmp_path):
+    cfg = tiny_config(tmp_path, freeze_backbone="true", steps=1)
+    trainer = Trainer(cfg, sources=[(ObjectSource(synthetic_objects(), "synthetic"), 1.0)])
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.train_step()
+    after = trainer.net.state_dict()
+    frozen = [k for k in before if k.split(".")[0] in ("conv_stem", "bn1", "blocks") and "num_batches" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["head.2.weight"], after["head.2.weight"])

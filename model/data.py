@@ -141,8 +141,9 @@ def wgisd_refs(root: str | Path, min_area: int = 1) -> ObjectList:
             out.skip(image_path, "no instance map")
             continue
         labels = read_label_map(label_path)
-        if labels.shape != _image_size(image_path):
-            out.skip(label_path, f"instance map is {labels.shape}, image is {_image_size(image_path)}")
+        size = _image_size(image_path)
+        if labels.shape != size:
+            out.skip(label_path, f"instance map is {labels.shape}, image is {size}")
             continue
         ids = _label_ids(labels, min_area, exclude=(0,))
         if not ids:
@@ -177,12 +178,10 @@ def folder_refs(root: str | Path) -> ObjectList:
             if not values:
                 out.skip(mask_path, "empty object")
                 continue
-            # Treat every non-zero, non-ignore value as the object.
-            binary_label = max(values) if len(values) == 1 else -1
-            if binary_label == -1:
+            if len(values) > 1:
                 out.skip(mask_path, f"mask has several object values {sorted(values)[:5]}; use one file per object")
                 continue
-            out.refs.append(ObjectRef(str(image_path), str(mask_path), binary_label, mask_path.stem,
+            out.refs.append(ObjectRef(str(image_path), str(mask_path), values.pop(), mask_path.stem,
                                       image_path.stem, ignore_label=IGNORE_VALUE))
     return out
 

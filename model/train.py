@@ -228,15 +228,16 @@ def next_click_from_errors(pred: np.ndarray, gt: np.ndarray, rng: np.random.Gene
 def make_training_pair(sources, rng: np.random.Generator, size: int, aug: AugmentConfig):
     """One augmented ``(image uint8 (S,S,3), gt uint8 (S,S))`` with a non-empty object."""
     weights = np.array([w for _, w in sources], float)
+    probabilities = weights / weights.sum()
     for _ in range(20):
-        source = sources[rng.choice(len(sources), p=weights / weights.sum())][0]
+        source = sources[rng.choice(len(sources), p=probabilities)][0]
         sample = source.load(int(rng.integers(len(source))))
         if not (sample.mask == 1).any():
             continue
         image, gt = object_crop(sample.image, sample.mask, size, rng, aug.object_scale)
         if not (gt == 1).any():
             continue
-        other_source = sources[rng.choice(len(sources), p=weights / weights.sum())][0]
+        other_source = sources[rng.choice(len(sources), p=probabilities)][0]
         other = other_source.load(int(rng.integers(len(other_source))))
         if (other.mask == 1).any():
             other_image, other_mask = object_crop(other.image, other.mask, size, rng, aug.object_scale)

@@ -46,6 +46,7 @@ from model.clicks import Click
 from model.predictor import MASK_THRESHOLD
 
 from .payload import BrushRegion, Prompt
+from .proposals import ObjectProposals
 from .rle import rle_to_mask
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class ClickHistory:
     starts: List[int] = field(default_factory=list)  # indices into ``keys`` where objects started
     current: Optional[TrackedObject] = None
     region_masks: Dict["RegionKey", Optional[np.ndarray]] = field(default_factory=dict)  # see RegionMasks
+    proposals: Optional[ObjectProposals] = None  # the current object's recall proposals (backend.proposals)
 
 
 # --- geometry ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ ENV_VARS = (
     "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SESSION_CACHE_BYTES", "EXEMPLAR_MAX_TASKS",
     "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "ALLOWED_IMAGE_HOSTS",
     "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES",
+    "RECALL", "RECALL_MIN_SCORE", "RECALL_MIN_AREA", "RECALL_MAX_PROPOSALS",
     "TRAIN_THREADS", "TRAIN_EVERY_N_ANNOTATIONS", "FIT_STEPS", "FIT_BATCH_SIZE", "FIT_LR", "FIT_FREEZE_BACKBONE",
     "FIT_HOLDOUT_FRACTION", "FIT_EVAL_MAX_OBJECTS", "FIT_EVAL_MAX_CLICKS", "FIT_NICE",
 )
@@ -130,6 +131,10 @@ class Settings:
     session_cache_bytes: int
     image_access: ImageAccessSettings
     exemplar_max_tasks: int = 2000
+    recall: bool = True  # RECALL: propose objects like the accepted ones (models with a recall branch)
+    recall_min_score: float = 0.6  # RECALL_MIN_SCORE: proposals scoring less are dropped
+    recall_min_area: int = 64  # RECALL_MIN_AREA: smallest proposal, in image pixels
+    recall_max_proposals: int = 20  # RECALL_MAX_PROPOSALS: proposals per object at most
     fit: FitSettings = field(default_factory=FitSettings)
     # The variables of ENV_VARS as read (secrets included: never logged), handed to training jobs.
     environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -167,6 +172,10 @@ class Settings:
             session_cache_bytes=_int(env, "SESSION_CACHE_BYTES", 1 << 30, minimum=0),
             image_access=ImageAccessSettings.from_env(env),
             exemplar_max_tasks=_int(env, "EXEMPLAR_MAX_TASKS", 2000, minimum=1),
+            recall=_bool(env, "RECALL", True),
+            recall_min_score=_float(env, "RECALL_MIN_SCORE", 0.6, low=0.0, high=1.0),
+            recall_min_area=_int(env, "RECALL_MIN_AREA", 64, minimum=1),
+            recall_max_proposals=_int(env, "RECALL_MAX_PROPOSALS", 20, minimum=1),
             fit=FitSettings.from_env(env),
             environment={name: env[name] for name in ENV_VARS if name in env},
         )

@@ -229,6 +229,7 @@ class BrushRegion:
     width: int
     height: int
     rle: Tuple[int, ...]
+    labels: Tuple[str, ...] = ()  # value.brushlabels
 
 
 def task_id(task: Mapping[str, Any], where: str) -> int:
@@ -253,7 +254,7 @@ def task_image_url(task: Mapping[str, Any], config: LabelConfig, image: str, whe
 
 
 def finished_brush_regions(task: Mapping[str, Any], image: str, label: Optional[str]) -> List[BrushRegion]:
-    """Brush regions with ``label`` on ``image`` in the task's annotations (all users) and drafts.
+    """Brush regions with ``label`` (None: any label) on ``image`` in the task's annotations (all users) and drafts.
 
     Malformed regions are skipped: they are someone else's saved data, not this request's input.
     """
@@ -283,7 +284,8 @@ def _brush_region(result: Any, image: str, label: Optional[str]) -> Optional[Bru
     width, height = result.get("original_width"), result.get("original_height")
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
         return None
-    return BrushRegion(str(result.get("id", "")), width, height, tuple(value["rle"]))
+    names = tuple(name for name in labels if isinstance(name, str)) if isinstance(labels, list) else ()
+    return BrushRegion(str(result.get("id", "")), width, height, tuple(value["rle"]), names)
 
 
 def as_object(body: Any, where: str) -> Dict[str, Any]:

@@ -13,22 +13,31 @@ Each project is served its promoted fine-tuned version when it has one
 (``MODEL_DIR/<project>/current.json``, see ``backend.training_jobs``), else the default
 checkpoint. ``START_TRAINING`` starts a fine-tuning job in a separate process; annotation
 webhooks and interactive requests keep the exemplar store (``backend.exemplars``) current.
+
+Exemplar recall (RECALL, models with a recall branch): the first click of a new object, on a
+task with accepted regions of the clicked label, also returns one region per other object
+like them (``backend.proposals``). The click-independent recall features of an image are
+computed in a background thread after its first interactive request (every interactive
+session while RECALL is on, since any task may get exemplars), so that the click that
+triggers recall usually pays only the recall head.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from model.clicks import Click
 from model.predictor import ClickSegPredictor, ImageState
 
-from .click_selection import ClickHistory, ObjectTracker, RegionMasks
+from .click_selection import ClickHistory, ObjectTracker, RegionMasks, TrackedObject
 from .config import Settings
 from .errors import BackendError
 from .exemplars import SQLiteExemplarStore, project_key, regions_from_task, regions_from_webhook
@@ -43,8 +52,9 @@ from .payload import (
     task_id,
     task_image_url,
 )
+from .proposals import AcceptedRegions, ObjectProposals, unpack_mask
 from .rle import mask_to_rle
-from .sessions import SessionStore, TaskSession
+from .sessions import SessionKey, SessionStore, TaskSession
 from .training_jobs import JobManager, ProjectModels
 
 log = logging.getLogger(__name__)
@@ -103,6 +113,10 @@ class ClickSegModel:
         self._exemplars: Optional[SQLiteExemplarStore] = None
         self._exemplars_failed = False
         self._exemplars_lock = threading.Lock()
+        self._recall_warmer: Optional[ThreadPoolExecutor] = None  # one background thread per process
+        self._recall_warmer_pid: Optional[int] = None
+        self._recall_warming: Set[SessionKey] = set()  # session keys queued for warm-up
+        self._recall_warmer_lock = threading.Lock()
 
     # --- model ---------------------------------------------------------------------------------
 
@@ -277,6 +291,9 @@ class ClickSegModel:
         regions = finished_brush_regions(task, newest.image, brush_label)
         predictor = self.predictor_for(project or task.get("project"))
         version = predictor.model_version
+        recall_on = self.settings.recall and bool(getattr(predictor, "has_recall", False))
+        # With recall, accepted regions of every label on the image are kept out of proposals.
+        accepted_regions = finished_brush_regions(task, newest.image, None) if recall_on else regions
 
         # Sessions hold the model's image features: one model version never reads another's.
         key = (project, tid, url, version)
@@ -298,30 +315,152 @@ class ClickSegModel:
             except BaseException:
                 session.histories.pop(group, None)  # never keep a half-applied history
                 raise
-            saved.prune()
+            decoded = RegionMasks(accepted_regions, history.region_masks)  # shares saved's decoded masks
+            proposals, recall_ms = [], 0.0
+            if recall_on:
+                recall_started = time.perf_counter()
+                try:
+                    proposals = self._proposals(predictor, state, history, obj, decoded, task, project, tid,
+                                                newest.image, brush_label)
+                except Exception as exc:  # recall is a bonus: never fail the object's answer
+                    history.proposals = None
+                    log.warning("exemplar recall failed; answering the object's region only",
+                                extra={"task": tid, "reason": f"{type(exc).__name__}: {exc}"})
+                recall_ms = (time.perf_counter() - recall_started) * 1000
+            else:
+                history.proposals = None
+            decoded.prune()
             mask = obj.mask
             score = float(obj.prob[mask].mean()) if mask.any() else 0.0
-            rle = mask_to_rle(mask)
             height, width = state.height, state.width
-        self.sessions.remeasure(key)
+            self.sessions.remeasure(key)  # under the session lock: no request changes it meanwhile
+        if recall_on and state.recall_features is None:
+            self._warm_recall(predictor, key, session)
 
-        region = {
-            "id": obj.result_id,
-            "from_name": brush_control,
-            "to_name": newest.image,
-            "type": "brushlabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {"format": "rle", "rle": rle, "brushlabels": [brush_label]},
-            "score": score,
-        }
+        def brush(region_id: str, region_mask: np.ndarray, region_score: float) -> Dict[str, Any]:
+            return {
+                "id": region_id,
+                "from_name": brush_control,
+                "to_name": newest.image,
+                "type": "brushlabels",
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "value": {"format": "rle", "rle": mask_to_rle(region_mask), "brushlabels": [brush_label]},
+                "score": region_score,
+            }
+
+        result = [brush(obj.result_id, mask, score)] + [brush(*proposal) for proposal in proposals]
         log.info("interactive prediction", extra={
             "task": tid, "prompts": len(prompts), "object_clicks": len(obj.clicks), "object_start": obj.start,
             "model_calls": tracker.predictions, "mask_pixels": int(mask.sum()),
+            "proposals": len(proposals), "recall_ms": round(recall_ms, 1),
             "ms": round((time.perf_counter() - started) * 1000, 1),
         })
-        return {"result": [region], "score": score, "model_version": version}
+        return {"result": result, "score": score, "model_version": version}
+
+    # --- exemplar recall ---------------------------------------------------------------------------
+
+    def _proposals(self, predictor: ClickSegPredictor, state: ImageState, history: ClickHistory,
+                   obj: TrackedObject, decoded: RegionMasks, task: Mapping[str, Any], project: str, tid: int,
+                   image: str, label: str) -> List[Tuple[str, np.ndarray, float]]:
+        """``(region id, mask, score)`` of the current object's proposals (call under the session lock).
+
+        Computed on the object's first click when the task has accepted regions of ``label``,
+        then kept in ``history`` and returned again while the object is refined.
+        """
+        cached = history.proposals
+        if cached is not None and not cached.belongs_to(obj.result_id, obj.start):
+            cached = history.proposals = None  # an earlier object's
+        first_click = len(obj.clicks) == 1 and obj.clicks[0].is_positive
+        if cached is None and not first_click:
+            return []
+        accepted = self._accepted_regions(decoded, task, project, tid, image, label, state.height, state.width,
+                                          current_id=obj.result_id)
+        if first_click and (cached is None or cached.exemplar_ids != accepted.exemplar_ids):
+            history.proposals = None
+            if not accepted.exemplar_ids:
+                return []
+            settings = self.settings
+            with self._model_lock:
+                found = predictor.propose(state, accepted.exemplar, obj.clicks, obj.prob,
+                                          exclude=accepted.covered | obj.mask, min_score=settings.recall_min_score,
+                                          min_area=settings.recall_min_area,
+                                          max_proposals=settings.recall_max_proposals)
+            cached = history.proposals = ObjectProposals.of(obj.result_id, obj.start, accepted.exemplar_ids, found,
+                                                            state.height, state.width)
+        return cached.visible(accepted, obj.mask, self.settings.recall_min_area)
+
+    def _accepted_regions(self, decoded: RegionMasks, task: Mapping[str, Any], project: str, tid: int, image: str,
+                          label: str, height: int, width: int, current_id: str) -> AcceptedRegions:
+        """The task's accepted regions on ``image``: the payload's, plus the store's that it lacks.
+
+        The region of the object being refined (``current_id``, e.g. auto-accepted) is not
+        accepted; regions of another size or with a corrupt RLE are skipped.
+        """
+        accepted = AcceptedRegions(height, width)
+        for index, region in enumerate(decoded.regions):
+            packed = decoded.packed(index) if self._fits(region, current_id, height, width) else None
+            if packed is not None:
+                accepted.add(region.region_id, unpack_mask(packed, height, width), label in region.labels)
+        store = self.exemplars
+        key = normalized_project(project or task.get("project"))
+        if store is None or key is None:
+            return accepted
+        try:
+            stored = store.accepted_masks(key, tid)
+        except (ValueError, sqlite3.Error) as exc:
+            log.warning("exemplar store unreadable; recall uses the payload's regions",
+                        extra={"task": tid, "reason": str(exc)})
+            return accepted
+        for exemplar in stored:
+            if (exemplar.region_id in accepted.ids or exemplar.to_name not in ("", image)
+                    or not self._fits(exemplar, current_id, height, width)):
+                continue
+            try:
+                mask = exemplar.mask
+            except ValueError as exc:
+                log.warning("ignoring a stored region with a corrupt RLE",
+                            extra={"task": tid, "region_id": exemplar.region_id, "reason": str(exc)})
+                continue
+            accepted.add(exemplar.region_id, mask, label in exemplar.labels)
+        return accepted
+
+    @staticmethod
+    def _fits(region: Any, current_id: str, height: int, width: int) -> bool:
+        """Whether a ``BrushRegion`` or ``Exemplar`` is another object's region of the image's size."""
+        return region.region_id != current_id and (region.height, region.width) == (height, width)
+
+    def _warm_recall(self, predictor: ClickSegPredictor, key: SessionKey, session: TaskSession) -> None:
+        """Queue the image's recall features for the background thread (once per session at a time)."""
+        with self._recall_warmer_lock:
+            if key in self._recall_warming:
+                return
+            if self._recall_warmer is None or self._recall_warmer_pid != os.getpid():  # none yet, or forked
+                self._recall_warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-warmup")
+                self._recall_warmer_pid = os.getpid()
+                self._recall_warming = set()
+            self._recall_warming.add(key)
+            self._recall_warmer.submit(self._encode_recall, predictor, key, session)
+
+    def _encode_recall(self, predictor: ClickSegPredictor, key: SessionKey, session: TaskSession) -> None:
+        started = time.perf_counter()
+        try:
+            if key not in self.sessions.cache:
+                return  # evicted meanwhile
+            with self._model_lock:
+                if session.image_state.recall_features is not None:
+                    return
+                predictor.encode_recall(session.image_state)
+            with session.lock:
+                self.sessions.remeasure(key)
+            log.debug("recall features computed in the background", extra={
+                "task": key[1], "ms": round((time.perf_counter() - started) * 1000, 1)})
+        except Exception as exc:
+            log.warning("recall warm-up failed", extra={"task": key[1], "reason": f"{type(exc).__name__}: {exc}"})
+        finally:
+            with self._recall_warmer_lock:
+                self._recall_warming.discard(key)
 
     def _sync_exemplars(self, task: Mapping[str, Any], project: str, state: ImageState) -> None:
         """Store the task's accepted brush masks (annotations, drafts); never fails the request."""

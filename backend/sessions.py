@@ -2,9 +2,9 @@
 
 A ``TaskSession`` holds what one task's clicks need again: the encoded image
 (``ImageState``: working copy + cached features) and, per prompt group
-(image + label), the click history with the current object's probability map.
-Its size is re-measured after every request, and the least recently used
-sessions are dropped until the total fits ``SESSION_CACHE_BYTES``. The most
+(image + label), the click history with the current object's probability map and
+recall proposals. Its size is re-measured after every request, and the least recently
+used sessions are dropped until the total fits ``SESSION_CACHE_BYTES``. The most
 recent session is always kept, even when it alone exceeds the budget.
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ class TaskSession:
         own = state.nbytes - (last_output.nbytes if last_output is not None else 0)
         maps = [last_output] + [h.current.prob for h in self.histories.values() if h.current is not None]
         regions = [m for h in self.histories.values() for m in h.region_masks.values()]
-        return own + distinct_nbytes(maps) + distinct_nbytes(regions)
+        proposals = sum(h.proposals.nbytes for h in self.histories.values() if h.proposals is not None)
+        return own + distinct_nbytes(maps) + distinct_nbytes(regions) + proposals
 
 
 class ByteLRU:

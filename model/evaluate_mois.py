@@ -1,0 +1,237 @@
+"""Multi-object evaluation of exemplar recall (MOIS): ``python -m model.evaluate_mois``.
+
+Per image with at least two instances (order: seeded shuffle):
+1. object 1 is clicked with the standard clicker until IoU >= 0.90 (or ``max_clicks``); its
+   final mask becomes the exemplar;
+2. one positive click (the clicker's first) goes on object 2; the proposals returned with it
+   are matched one-to-one to the remaining instances (greedy by IoU);
+3. every remaining object costs 0 actions if a proposal reaches the IoU threshold, else its
+   NoC from scratch; every unmatched proposal costs 1 action (a deletion).
+Objects 1 and 2 cost their NoC. "Without recall" is the sum of every object's NoC.
+
+    python -m model.evaluate_mois --dataset ../shared/data/wgisd-dev --out-dir artifacts/mois
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .clicks import Clicker, iou
+from .data import read_label_map, read_rgb
+from .evaluate import noc
+from .predictor import DEFAULT_CHECKPOINT, MASK_THRESHOLD, ClickSegPredictor
+
+log = logging.getLogger("model.evaluate_mois")
+THRESHOLDS = (0.85, 0.90)
+
+
+@dataclass
+class ObjectClicks:
+    label: int
+    ious: List[float]  # IoU after each click, padded to max_clicks
+    final_mask: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+@dataclass
+class ImageResult:
+    image: str
+    objects: int
+    noc: Dict[str, List[int]]  # threshold -> NoC per object, in evaluation order
+    proposals: int
+    matched: Dict[str, int]  # threshold -> remaining objects found by a proposal
+    false_proposals: Dict[str, int]
+    actions_without: Dict[str, int]
+    actions_with: Dict[str, int]
+    click_ms: float  # the triggering click on object 2 (segmentation only)
+    recall_cold_ms: float  # recall on that click, features not cached
+    recall_warm_ms: float  # recall on that click, features cached
+
+
+def click_object(predictor: ClickSegPredictor, state, gt: np.ndarray, max_clicks: int, stop_at: float) -> ObjectClicks:
+    """Standard clicker until IoU >= ``stop_at``; keeps the last mask."""
+    clicker = Clicker(gt)
+    prob, pred, ious = None, None, []
+    for _ in range(max_clicks):
+        clicker.make_next_click(pred)
+        prob = predictor.predict(state, list(clicker.clicks), prob)
+        pred = prob >= MASK_THRESHOLD
+        ious.append(iou(pred, gt))
+        if ious[-1] >= stop_at:
+            break
+    return ObjectClicks(0, ious + [ious[-1]] * (max_clicks - len(ious)), pred)
+
+
+def match_proposals(proposal_masks: Sequence[np.ndarray], gts: Sequence[np.ndarray], threshold: float) -> Tuple[List[int], int]:
+    """Greedy one-to-one matching by IoU; returns (indices of matched gts, unmatched proposals)."""
+    pairs = []
+    for i, p in enumerate(proposal_masks):
+        for j, g in enumerate(gts):
+            value = iou(p, g)
+            if value >= threshold:
+                pairs.append((value, i, j))
+    used_p, used_g = set(), set()
+    for _, i, j in sorted(pairs, reverse=True):
+        if i not in used_p and j not in used_g:
+            used_p.add(i)
+            used_g.add(j)
+    return sorted(used_g), len(proposal_masks) - len(used_p)
+
+
+def evaluate_image(predictor: ClickSegPredictor, image: np.ndarray, labels: np.ndarray, name: str,
+                   rng: np.random.Generator, max_clicks: int, min_scores: Sequence[float],
+                   min_area: int) -> Optional[List[ImageResult]]:
+    """One ``ImageResult`` per proposal score threshold (the clicking is shared); None below 2 objects."""
+    ids = [int(i) for i in np.unique(labels) if i > 0]
+    if len(ids) < 2:
+        return None
+    rng.shuffle(ids)
+    gts = [labels == i for i in ids]
+    state = predictor.encode_image(image)
+    objects = []
+    for label, gt in zip(ids, gts):
+        result = click_object(predictor, state, gt, max_clicks, stop_at=max(THRESHOLDS))
+        result.label = label
+        objects.append(result)
+    nocs = {f"{t:.2f}": [noc(o.ious, t, max_clicks) for o in objects] for t in THRESHOLDS}
+
+    exemplar = objects[0].final_mask
+    first = Clicker(gts[1]).make_next_click(None)
+    started = time.perf_counter()
+    object_prob = predictor.predict(state, [first])
+    click_ms = (time.perf_counter() - started) * 1000
+    results = []
+    for min_score in min_scores:
+        state.recall_features = None
+        started = time.perf_counter()
+        predictor.propose(state, exemplar, [first], object_prob, min_score=min_score, min_area=min_area)
+        cold_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        proposals = predictor.propose(state, exemplar, [first], object_prob, min_score=min_score, min_area=min_area)
+        warm_ms = (time.perf_counter() - started) * 1000
+        matched, false, without, with_recall = {}, {}, {}, {}
+        for t in THRESHOLDS:
+            key = f"{t:.2f}"
+            found, unmatched = match_proposals([p.mask for p in proposals], gts[2:], t)
+            costs = nocs[key]
+            matched[key] = len(found)
+            false[key] = unmatched
+            without[key] = int(sum(costs))
+            with_recall[key] = int(costs[0] + costs[1] + sum(c for j, c in enumerate(costs[2:]) if j not in found)
+                                   + unmatched)
+        results.append(ImageResult(name, len(ids), nocs, len(proposals), matched, false, without, with_recall,
+                                   round(click_ms, 2), round(cold_ms, 2), round(warm_ms, 2)))
+    return results
+
+
+def summarize(results: Sequence[ImageResult]) -> Dict[str, Dict[str, float]]:
+    out = {}
+    n = max(1, len(results))
+    for t in THRESHOLDS:
+        key = f"{t:.2f}"
+        without = sum(r.actions_without[key] for r in results)
+        with_recall = sum(r.actions_with[key] for r in results)
+        out[key] = {
+            "images": len(results),
+            "objects": sum(r.objects for r in results),
+            "actions_per_image_without": without / n,
+            "actions_per_image_with": with_recall / n,
+            "reduction_percent": 100.0 * (without - with_recall) / max(1, without),
+            "recalled_objects_per_image": sum(r.matched[key] for r in results) / n,
+            "false_proposals_per_image": sum(r.false_proposals[key] for r in results) / n,
+        }
+    click = np.median([r.click_ms for r in results]) if results else 0.0
+    cold = np.median([r.recall_cold_ms for r in results]) if results else 0.0
+    warm = np.median([r.recall_warm_ms for r in results]) if results else 0.0
+    out["latency_ms_p50"] = {"click": float(click), "recall_cold": float(cold), "recall_warm": float(warm),
+                             "added_percent_cold": float(100 * cold / max(click, 1e-9)),
+                             "added_percent_warm": float(100 * warm / max(click, 1e-9))}
+    return out
+
+
+def format_table(summary: Dict[str, Dict[str, float]]) -> str:
+    lines = ["| IoU | images | objects | actions/image without recall | with recall | reduction | "
+             "recalled objects/image | false proposals/image |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in THRESHOLDS:
+        s = summary[f"{t:.2f}"]
+        lines.append(f"| {t:.2f} | {s['images']} | {s['objects']} | {s['actions_per_image_without']:.2f} | "
+                     f"{s['actions_per_image_with']:.2f} | {s['reduction_percent']:.1f}% | "
+                     f"{s['recalled_objects_per_image']:.2f} | {s['false_proposals_per_image']:.2f} |")
+    lat = summary["latency_ms_p50"]
+    lines.append("")
+    lines.append(f"Triggering click p50: segmentation {lat['click']:.1f} ms; recall +{lat['recall_warm']:.1f} ms "
+                 f"(+{lat['added_percent_warm']:.0f}%) with cached recall features, +{lat['recall_cold']:.1f} ms "
+                 f"(+{lat['added_percent_cold']:.0f}%) computing them on that click.")
+    return "\n".join(lines)
+
+
+def wgisd_images(root: Path, stems: Optional[Sequence[str]]) -> List[Tuple[Path, Path]]:
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise ValueError(f"WGISD folder not found: {image_dir} is not a directory")
+    pairs = [(p, root / "instances" / f"{p.stem}.png") for p in sorted(image_dir.glob("*.jpg"))]
+    if stems:
+        unknown = sorted(set(stems) - {p.stem for p, _ in pairs})
+        if unknown:
+            raise ValueError(f"--images names images that {root} lacks: {', '.join(unknown)}")
+        pairs = [pair for pair in pairs if pair[0].stem in set(stems)]
+    return [pair for pair in pairs if pair[1].is_file()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--dataset", default="../shared/data/wgisd-dev", help="WGISD-style folder (images/, instances/)")
+    parser.add_argument("--images", nargs="*", help="only these image stems (e.g. the recall hold-out)")
+    parser.add_argument("--max-clicks", type=int, default=20)
+    parser.add_argument("--min-score", type=float, nargs="+", default=[0.6],
+                        help="proposal score threshold(s); several give one table each (shared clicking)")
+    parser.add_argument("--min-area", type=int, default=64, help="smallest proposal in full-size pixels")
+    parser.add_argument("--seed", type=int, default=0, help="object order per image")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--out-dir", default="artifacts/mois")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        predictor = ClickSegPredictor.from_checkpoint(args.checkpoint)
+        if not predictor.has_recall:
+            raise ValueError(f"{args.checkpoint} has no exemplar recall branch")
+        pairs = wgisd_images(Path(args.dataset), args.images)
+    except ValueError as exc:
+        parser.error(str(exc))
+    results: Dict[float, List[ImageResult]] = {m: [] for m in args.min_score}
+    for index, (image_path, label_path) in enumerate(pairs):
+        rng = np.random.default_rng([args.seed, index])
+        per_score = evaluate_image(predictor, read_rgb(image_path), read_label_map(label_path), image_path.stem, rng,
+                                   args.max_clicks, args.min_score, args.min_area)
+        for min_score, result in zip(args.min_score, per_score or []):
+            results[min_score].append(result)
+            log.info("%s (min score %.2f): %d objects, %d proposals, actions@0.85 %d -> %d", result.image, min_score,
+                     result.objects, result.proposals, result.actions_without["0.85"], result.actions_with["0.85"])
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, tables = [], []
+    for min_score, per_image in results.items():
+        summary = summarize(per_image)
+        runs.append({"min_score": min_score, "summary": summary, "images": [asdict(r) for r in per_image]})
+        tables.append(f"### proposal min score {min_score:g}\n\n{format_table(summary)}\n")
+    payload = {"settings": dict(vars(args)), "model_version": predictor.model_version, "runs": runs}
+    (out_dir / "mois.json").write_text(json.dumps(payload, indent=1))
+    text = "\n".join(tables)
+    (out_dir / "mois.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

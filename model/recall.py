@@ -1,0 +1,318 @@
+"""Exemplar recall: segment every object that looks like the accepted exemplar(s).
+
+iCMFormer++-style ("Learning from Exemplars for Interactive Image Segmentation"):
+
+1. ``encode``: click-independent image features at stride 8 from a frozen ImageNet
+   EfficientNet-Lite (stages at strides 8 and 16) and a trained embedding, computed once per
+   image.
+2. Exemplar-informed module: the exemplar's features are pooled into a prototype and also
+   kept as correlation kernels; cosine similarity with every pixel gives response maps.
+   The clicked object's features give two more.
+3. Channel fusion (squeeze-excitation over [features, responses, masks, click disks]) and a
+   dilated recall head -> logits of *all* objects of the exemplar's category.
+
+``propose_objects`` turns the recall map into separate proposals (connected components,
+accepted objects removed, scored, thresholded).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .layers import IMAGE_MEAN, IMAGE_STD, conv_bn_relu
+
+RECALL_STAGES = (2, 4)  # backbone stages used: strides 8 and 16
+FINE_STAGE = 1  # stride 4, for the optional boundary refinement
+RECALL_STRIDE = 8
+RECALL_CLICK_RADIUS = 8  # click disk radius at recall-input resolution
+MAX_KERNELS = 1024  # correlation kernels kept per mask (strided subsample beyond this)
+# Input channels of the fusion module besides the features: 4 responses, exemplar, object, pos, neg, prev.
+GUIDANCE_CHANNELS = 9
+
+
+def masked_responses(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Prototype and correlation-kernel responses of L2-normalised ``features`` to a soft mask.
+
+    features (B, C, h, w), unit length along C; weights (B, 1, h, w) in [0, 1].
+    Returns (B, 2, h, w): cosine similarity to the weighted mean feature, and the maximum
+    cosine similarity to any kernel (pixels with weight >= 0.5, or the heaviest pixel).
+    Both are 0 where the mask is empty.
+    """
+    b, c, h, w = features.shape
+    flat = features.flatten(2)  # (B, C, hw)
+    wflat = weights.flatten(2)  # (B, 1, hw)
+    mass = wflat.sum(-1, keepdim=True)  # (B, 1, 1)
+    proto = F.normalize((flat * wflat).sum(-1) / mass.squeeze(-1).clamp(min=1e-6), dim=1)  # (B, C)
+    proto_map = torch.einsum("bc,bcn->bn", proto, flat).view(b, 1, h, w)
+    corr = []
+    for i in range(b):
+        chosen = torch.nonzero(wflat[i, 0] >= 0.5).flatten()
+        if chosen.numel() == 0:
+            chosen = wflat[i, 0].argmax().view(1)
+        if chosen.numel() > MAX_KERNELS:
+            chosen = chosen[torch.linspace(0, chosen.numel() - 1, MAX_KERNELS, device=chosen.device).long()]
+        kernels = flat[i][:, chosen]  # (C, K)
+        corr.append((kernels.t() @ flat[i]).amax(0))  # (hw,)
+    corr_map = torch.stack(corr).view(b, 1, h, w)
+    present = (mass.view(b, 1, 1, 1) > 1e-6).to(features.dtype)
+    return torch.cat([proto_map, corr_map], 1) * present
+
+
+class ChannelFusion(nn.Module):
+    """1x1 projection of the concatenated streams, reweighted per channel (squeeze-excitation)."""
+
+    def __init__(self, cin: int, cout: int, reduction: int = 4):
+        super().__init__()
+        self.project = conv_bn_relu(cin, cout, kernel=1)
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(cout, cout // reduction, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(cout // reduction, cout, 1), nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(x)
+        return x * self.gate(x)
+
+
+class DilatedBlock(nn.Module):
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class RecallFeatures(NamedTuple):
+    """Click-independent features of one image: ``coarse`` (B, C, H/8, W/8) and, with a
+    refinement stage, ``fine`` (B, F, H/4, W/4) (else None)."""
+
+    coarse: torch.Tensor
+    fine: Optional[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self if t is not None)
+
+
+class ExemplarRecall(nn.Module):
+    """Exemplar-informed recall branch.
+
+    encode(image (B, 3, H, W) in [0, 1]) -> RecallFeatures; H, W multiples of 16.
+    forward(features, exemplar, object_prob, click_maps, prev) -> logits (B, 1, H/8, W/8)
+    (H/4, W/4 with ``refine_channels``), where exemplar, object_prob, prev are (B, 1, H', W')
+    and click_maps (B, 2, H', W') [pos, neg] at any resolution (area-resized inside).
+    """
+
+    size_multiple = 16
+
+    def __init__(self, variant: str = "lite0", channels: int = 64, refine_channels: int = 0):
+        super().__init__()
+        backbone = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+        self.conv_stem = backbone.conv_stem
+        self.bn1 = backbone.bn1
+        self.blocks = backbone.blocks[: max(RECALL_STAGES) + 1]
+        stage_channels = [self.blocks[i][-1].conv_pwl.out_channels for i in RECALL_STAGES]
+        self.embed = nn.Sequential(
+            conv_bn_relu(sum(stage_channels), channels, kernel=1),
+            nn.Conv2d(channels, channels, 3, 1, 1),
+        )
+        self.fusion = ChannelFusion(channels + GUIDANCE_CHANNELS, channels)
+        self.head = nn.Sequential(
+            DilatedBlock(channels, 1), DilatedBlock(channels, 2), DilatedBlock(channels, 4), DilatedBlock(channels, 1),
+            nn.Conv2d(channels, 1, 1),
+        )
+        self.refine_channels = refine_channels
+        if refine_channels:
+            # Stride-4 boundary refinement from the stride-4 backbone stage.
+            fine_in = self.blocks[FINE_STAGE][-1].conv_pwl.out_channels
+            self.fine_embed = conv_bn_relu(fine_in, refine_channels, kernel=1)
+            self.refine = nn.Sequential(
+                conv_bn_relu(channels + refine_channels + 1, refine_channels),
+                conv_bn_relu(refine_channels, refine_channels),
+                nn.Conv2d(refine_channels, 1, 1),
+            )
+
+    def backbone_modules(self) -> List[nn.Module]:
+        """The ImageNet part (kept frozen, BatchNorm in eval mode)."""
+        return [self.conv_stem, self.bn1, self.blocks]
+
+    def backbone_stages(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Frozen ImageNet features of image (B, 3, H, W) in [0, 1]: (strides 8 + 16 stacked at
+        H/8, stride-4 stage at H/4)."""
+        x = self.bn1(self.conv_stem((image - IMAGE_MEAN) / IMAGE_STD))
+        stages, fine = [], None
+        for i, stage in enumerate(self.blocks):
+            x = stage(x)
+            if i == FINE_STAGE:
+                fine = x
+            if i in RECALL_STAGES:
+                stages.append(x)
+        size = stages[0].shape[-2:]
+        stacked = torch.cat([stages[0]] + [F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+                                           for s in stages[1:]], 1)
+        return stacked, fine
+
+    def embed_stages(self, stages: Tuple[torch.Tensor, torch.Tensor]) -> RecallFeatures:
+        stacked, fine = stages
+        return RecallFeatures(self.embed(stacked), self.fine_embed(fine) if self.refine_channels else None)
+
+    def encode(self, image: torch.Tensor) -> RecallFeatures:
+        return self.embed_stages(self.backbone_stages(image))
+
+    def forward(self, features: RecallFeatures, exemplar: torch.Tensor, object_prob: torch.Tensor,
+                click_maps: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        coarse = features.coarse
+        size = coarse.shape[-2:]
+        small = [F.adaptive_avg_pool2d(t.to(coarse.dtype), size) for t in (exemplar, object_prob, click_maps, prev)]
+        exemplar_s, object_s = small[0], small[1]
+        unit = F.normalize(coarse, dim=1)
+        guidance = torch.cat([masked_responses(unit, exemplar_s), masked_responses(unit, object_s)] + small, 1)
+        x = self.head[:-1](self.fusion(torch.cat([coarse, guidance], 1)))
+        logits = self.head[-1](x)
+        if not self.refine_channels:
+            return logits
+        fine_size = features.fine.shape[-2:]
+        up = F.interpolate(x, size=fine_size, mode="bilinear", align_corners=False)
+        up_logits = F.interpolate(logits, size=fine_size, mode="bilinear", align_corners=False)
+        return up_logits + self.refine(torch.cat([up, features.fine, up_logits], 1))
+
+
+# --- proposals ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Proposal:
+    """One proposed object: mask bool (H, W) and score in [0, 1] (mean recall probability)."""
+
+    mask: np.ndarray
+    score: float
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+def propose_objects(
+    recall_prob: np.ndarray,
+    exclude: Optional[np.ndarray] = None,
+    *,
+    threshold: float = 0.5,
+    min_score: float = 0.6,
+    min_area: int = 16,
+    max_excluded_fraction: float = 0.3,
+    max_proposals: int = 50,
+    expected_area: Optional[float] = None,
+) -> List[Proposal]:
+    """Connected components of ``recall_prob >= threshold`` as proposals, best first.
+
+    With ``expected_area`` (a typical object's area, e.g. the exemplar's), components that
+    look like several touching objects are split (``split_touching``).
+    recall_prob float (H, W). ``exclude`` bool (H, W): accepted objects and the clicked object;
+    a component overlapping it by more than ``max_excluded_fraction`` of its area is dropped,
+    any other loses the overlapping pixels (proposals never cover excluded pixels).
+    Components smaller than ``min_area`` pixels or scoring below ``min_score`` are dropped.
+    """
+    recall_prob = np.asarray(recall_prob, dtype=np.float32)
+    if recall_prob.ndim != 2:
+        raise ValueError(f"recall_prob must be (H, W), got shape {recall_prob.shape}")
+    if exclude is not None and exclude.shape != recall_prob.shape:
+        raise ValueError(f"exclude has shape {exclude.shape}, recall_prob {recall_prob.shape}")
+    components, count = ndimage.label(recall_prob >= threshold)
+    if count == 0:
+        return []
+    boxes = ndimage.find_objects(components)
+    pieces = []
+    for index, box in enumerate(boxes, start=1):
+        component = components[box] == index
+        if expected_area:
+            pieces += [(box, part) for part in split_touching(component, expected_area)]
+        else:
+            pieces.append((box, component))
+    proposals = []
+    for box, component in pieces:
+        area = int(component.sum())
+        if area < min_area:
+            continue
+        if exclude is not None:
+            excluded = component & exclude[box]
+            if excluded.sum() > max_excluded_fraction * area:
+                continue
+            component = component & ~excluded
+            area = int(component.sum())
+            if area < min_area:
+                continue
+        score = float(recall_prob[box][component].mean())
+        if score < min_score:
+            continue
+        mask = np.zeros(recall_prob.shape, dtype=bool)
+        mask[box] = component
+        proposals.append(Proposal(mask, score))
+    proposals.sort(key=lambda p: -p.score)
+    return proposals[:max_proposals]
+
+
+def split_touching(component: np.ndarray, expected_area: float) -> List[np.ndarray]:
+    """Split a bool component into objects of about ``expected_area`` pixels: one seed per
+    distance-transform peak at least an object radius apart, each pixel to its nearest seed.
+    Returns ``[component]`` when it is not clearly several objects."""
+    area = float(component.sum())
+    if area < 1.6 * expected_area:
+        return [component]
+    radius = max(2.0, math.sqrt(expected_area / math.pi))
+    dt = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
+    window = 2 * int(0.7 * radius) + 1
+    peaks = (dt == ndimage.maximum_filter(dt, size=window)) & (dt >= 0.35 * radius)
+    peak_labels, count = ndimage.label(peaks, structure=np.ones((3, 3)))
+    if count < 2:
+        return [component]
+    centres = np.array(ndimage.center_of_mass(peaks, peak_labels, range(1, count + 1)))
+    # Merge seeds closer than one radius (plateaus and ridges of one object).
+    parent = list(range(count))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(count):
+        for j in range(i + 1, count):
+            if np.hypot(*(centres[i] - centres[j])) < radius:
+                parent[root(j)] = root(i)
+    roots = sorted({root(i) for i in range(count)})
+    if len(roots) < 2:
+        return [component]
+    markers = np.zeros(component.shape, np.int32)
+    for new, r in enumerate(roots, start=1):
+        for i in range(count):
+            if root(i) == r:
+                markers[peak_labels == i + 1] = new
+    # Each pixel goes to its nearest seed (a Voronoi split; the cut runs through the neck).
+    _, (iy, ix) = ndimage.distance_transform_edt(markers == 0, return_indices=True)
+    nearest = markers[iy, ix]
+    parts = [(nearest == k) & component for k in range(1, len(roots) + 1)]
+    if any(part.sum() < 0.3 * expected_area for part in parts):
+        return [component]
+    return parts
+
+
+def union_mask(masks: Sequence[np.ndarray], shape) -> np.ndarray:
+    """Logical OR of bool masks (all of ``shape``); zeros when there are none."""
+    out = np.zeros(shape, dtype=bool)
+    for m in masks:
+        if m.shape != tuple(shape):
+            raise ValueError(f"mask has shape {m.shape}, expected {tuple(shape)}")
+        out |= m
+    return out

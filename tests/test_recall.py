@@ -1,0 +1,381 @@
+"""Exemplar recall branch: responses, proposals, predictor integration, scenes, trainer, MOIS."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.clicks import Click
+from model.evaluate_mois import evaluate_image, match_proposals, summarize
+from model.predictor import ClickSegPredictor
+from model.recall import ExemplarRecall, masked_responses, propose_objects, union_mask
+from model.registry import create_model
+from model.scenes import IGNORE_INSTANCE, Scene, SyntheticScenes, WgisdScenes, random_crop
+from model.train import Trainer, load_config
+from model.train_recall import RecallTrainer, load_recall_config, sample_from_scene
+
+
+def tiny_net(recall_channels=16):
+    torch.manual_seed(0)
+    return create_model("effnet-lite", {"input_size": 64, "decoder_channels": 16, "click_channels": 8,
+                                        "recall_channels": recall_channels, "recall_input_size": 96}).eval()
+
+
+# --- exemplar-informed responses --------------------------------------------------------------
+
+
+def test_masked_responses_prototype_and_kernels():
+    # Three kinds of pixel: A (the exemplar), B (orthogonal to A), C (halfway).
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    c = F.normalize(a + b, dim=0)
+    feats = torch.stack([a, b, c, a], 1).view(1, 2, 1, 4)  # pixels: A B C A
+    weights = torch.tensor([1.0, 0, 0, 0]).view(1, 1, 1, 4)
+    out = masked_responses(feats, weights)
+    assert out.shape == (1, 2, 1, 4)
+    expected = torch.tensor([1.0, 0.0, c[0].item(), 1.0])
+    assert torch.allclose(out[0, 0, 0], expected, atol=1e-6)  # prototype = A
+    assert torch.allclose(out[0, 1, 0], expected, atol=1e-6)  # one kernel = A
+
+
+def test_masked_responses_kernels_keep_every_exemplar_part():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    feats = torch.stack([a, b, a, b], 1).view(1, 2, 1, 4)
+    weights = torch.tensor([1.0, 1.0, 0, 0]).view(1, 1, 1, 4)  # exemplar has both parts
+    out = masked_responses(feats, weights)
+    # the prototype is the mean direction (0.707 to both); the kernels match each part exactly
+    assert torch.allclose(out[0, 0, 0], torch.full((4,), 2 ** -0.5), atol=1e-6)
+    assert torch.allclose(out[0, 1, 0], torch.ones(4), atol=1e-6)
+
+
+def test_masked_responses_empty_mask_gives_zeros():
+    feats = F.normalize(torch.randn(2, 8, 5, 6), dim=1)
+    weights = torch.zeros(2, 1, 5, 6)
+    weights[1, 0, 2, 3] = 1
+    out = masked_responses(feats, weights)
+    assert torch.all(out[0] == 0)
+    assert out[1, 1, 2, 3] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_recall_branch_with_refinement_outputs_stride_4():
+    branch = ExemplarRecall("lite0", channels=16, refine_channels=8)
+    feats = branch.encode(torch.rand(1, 3, 64, 96))
+    assert feats.fine.shape == (1, 8, 16, 24)
+    masks = torch.zeros(1, 1, 64, 96)
+    masks[:, :, 10:20, 10:20] = 1
+    logits = branch(feats, masks, masks, torch.zeros(1, 2, 64, 96), torch.zeros(1, 1, 64, 96))
+    assert logits.shape == (1, 1, 16, 24)
+
+
+def test_recall_branch_shapes_and_gradients():
+    branch = ExemplarRecall("lite0", channels=16)
+    image = torch.rand(2, 3, 64, 96)
+    feats = branch.encode(image)
+    assert feats.coarse.shape == (2, 16, 8, 12) and feats.fine is None
+    masks = torch.zeros(2, 1, 64, 96)
+    masks[:, :, 10:20, 10:20] = 1
+    logits = branch(feats, masks, masks, torch.zeros(2, 2, 64, 96), torch.zeros(2, 1, 64, 96))
+    assert logits.shape == (2, 1, 8, 12)
+    logits.mean().backward()
+    assert branch.head[-1].weight.grad is not None and branch.fusion.project[0].weight.grad is not None
+
+
+# --- proposals -----------------------------------------------------------------------------------
+
+
+def _prob_with_blobs():
+    prob = np.zeros((40, 60), np.float32)
+    prob[2:10, 2:10] = 0.9  # A: strong
+    prob[2:10, 30:38] = 0.55  # B: weak
+    prob[20:30, 2:12] = 0.8  # C: mostly excluded
+    prob[20:30, 40:50] = 0.95  # D: partly excluded
+    prob[35:37, 55:57] = 0.99  # E: tiny
+    return prob
+
+
+def test_propose_objects_components_scores_and_exclusion():
+    prob = _prob_with_blobs()
+    exclude = np.zeros(prob.shape, bool)
+    exclude[20:30, 2:10] = True  # 80% of C
+    exclude[20:30, 40:42] = True  # 20% of D
+    found = propose_objects(prob, exclude, min_score=0.6, min_area=16)
+    assert [round(p.score, 2) for p in found] == [0.95, 0.9]
+    d, a = found
+    assert d.area == 80 and not (d.mask & exclude).any()
+    assert a.mask[2:10, 2:10].all() and a.area == 64
+
+
+def test_propose_objects_thresholds_and_bad_input():
+    prob = _prob_with_blobs()
+    assert len(propose_objects(prob, min_score=0.5, min_area=1)) == 5
+    assert len(propose_objects(prob, min_score=0.5, min_area=16)) == 4
+    assert propose_objects(np.zeros((5, 5))) == []
+    with pytest.raises(ValueError, match="recall_prob"):
+        propose_objects(np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="exclude"):
+        propose_objects(prob, np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="expected"):
+        union_mask([np.zeros((2, 2), bool)], (3, 3))
+
+
+# --- predictor -----------------------------------------------------------------------------------
+
+
+class FixedRecall(ClickSegPredictor):
+    """The real branch's plumbing, with a hand-made recall map."""
+
+    recall_map = None
+
+    def recall(self, state, exemplar_mask, clicks, object_prob):
+        super().recall(state, exemplar_mask, clicks, object_prob)  # exercises validation + encode
+        return self.recall_map
+
+
+def test_predictor_recall_shapes_and_validation():
+    predictor = ClickSegPredictor(tiny_net())
+    assert predictor.has_recall
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    state = predictor.encode_image(image)
+    prob = predictor.predict(state, [Click(20, 30)])
+    exemplar = np.zeros((50, 70), bool)
+    exemplar[5:15, 5:15] = True
+    recall = predictor.recall(state, exemplar, [Click(20, 30)], prob)
+    assert recall.shape == state.working_size and recall.dtype == np.float32
+    assert state.recall_features is not None
+    assert 0 <= recall.min() and recall.max() <= 1
+    with pytest.raises(ValueError, match="empty"):
+        predictor.recall(state, np.zeros((50, 70), bool), [Click(20, 30)], prob)
+    with pytest.raises(ValueError, match="exemplar_mask has shape"):
+        predictor.recall(state, exemplar[:10], [Click(20, 30)], prob)
+    with pytest.raises(ValueError, match="outside"):
+        predictor.recall(state, exemplar, [Click(80, 30)], prob)
+    no_recall = ClickSegPredictor(tiny_net(recall_channels=0))
+    assert not no_recall.has_recall
+    with pytest.raises(ValueError, match="no exemplar recall"):
+        no_recall.encode_recall(no_recall.encode_image(image))
+
+
+def test_predictor_propose_full_size_masks_never_cover_excluded():
+    predictor = FixedRecall(tiny_net(), max_working_side=100)
+    image = np.random.default_rng(1).integers(0, 255, (100, 200, 3), dtype=np.uint8)  # working 50 x 100
+    state = predictor.encode_image(image)
+    assert state.working_size == (50, 100)
+    m = np.zeros((50, 100), np.float32)
+    m[5:15, 5:15] = 0.9  # the exemplar's own place
+    m[5:15, 50:60] = 0.8  # a new object
+    m[30:40, 70:80] = 0.7  # another, partly under the current object
+    predictor.recall_map = m
+    exemplar = np.zeros((100, 200), bool)
+    exemplar[10:30, 10:30] = True
+    object_prob = np.zeros((100, 200), np.float32)
+    object_prob[60:64, 140:160] = 1.0  # 20% of the second component
+    found = predictor.propose(state, exemplar, [Click(62, 150)], object_prob, min_score=0.5, min_area=20)
+    assert [round(p.score, 2) for p in found] == [0.8, 0.7]
+    first, second = found
+    assert first.mask.shape == (100, 200)
+    assert first.mask[10:30, 100:120].all() and first.area == 400
+    assert not (second.mask & (object_prob >= 0.49)).any() and second.area > 0
+    for p in found:
+        assert not (p.mask & exemplar).any()
+
+
+# --- checkpoints and training ------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_keeps_recall(tmp_path):
+    net = tiny_net()
+    path = save_checkpoint(net, tmp_path / "r.safetensors", meta={"version": "t"})
+    loaded = load_checkpoint(path)
+    assert loaded.recall is not None
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_registry_validates_recall_input_size():
+    with pytest.raises(ValueError, match="recall_input_size"):
+        create_model("effnet-lite", {"recall_channels": 8, "recall_input_size": 100})
+
+
+def _write_scene_dataset(root: Path, rng):
+    """A tiny WGISD-like folder and a BSDS-like split with squares to paste."""
+    (root / "wgisd" / "images").mkdir(parents=True)
+    (root / "wgisd" / "instances").mkdir()
+    for k in range(2):
+        img = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+        inst = np.zeros((120, 160), np.uint8)
+        inst[10:40, 10:40], inst[60:100, 50:90], inst[20:50, 110:150] = 1, 2, 3
+        Image.fromarray(img).save(root / "wgisd" / "images" / f"IMG_{k}.jpg")
+        Image.fromarray(inst).save(root / "wgisd" / "instances" / f"IMG_{k}.png")
+    for split in ("train",):
+        (root / "bsds" / split / "images").mkdir(parents=True)
+        (root / "bsds" / split / "regions").mkdir(parents=True)
+        for k in range(3):
+            img = rng.integers(0, 255, (100, 150, 3), dtype=np.uint8)
+            regions = np.ones((100, 150), np.uint16)
+            regions[20:40, 30:60] = 2
+            regions[60:80, 90:110] = 3
+            Image.fromarray(img).save(root / "bsds" / split / "images" / f"{k}.jpg")
+            Image.fromarray(regions).save(root / "bsds" / split / "regions" / f"{k}_1.png")
+
+
+def test_scenes_have_several_instances(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_scene_dataset(tmp_path, rng)
+    wgisd = WgisdScenes(tmp_path / "wgisd", long_side=96)
+    from model.data import bsds500_refs
+    synthetic = SyntheticScenes(bsds500_refs(tmp_path / "bsds", ("train",)).refs)
+    for source in (wgisd, synthetic):
+        scenes = [s for s in (source.sample(64, rng, min_area=10) for _ in range(20)) if s is not None]
+        assert scenes, type(source).__name__
+        for scene in scenes:
+            assert scene.image.shape == (64, 64, 3) and scene.instances.shape == (64, 64)
+            assert len(scene.instance_ids(10)) >= 2
+            sample = sample_from_scene(scene, rng) if len(scene.instance_ids(40)) >= 2 else None
+            if sample is not None:
+                assert (sample.exemplar > 0).any() and sample.target.max() >= 1
+                assert sample.target[int(sample.click.y), int(sample.click.x)] == 1
+    with pytest.raises(ValueError, match="no WGISD images"):
+        WgisdScenes(tmp_path / "wgisd", stems=["nope"])
+
+
+def test_random_crop_pads_with_fill_label():
+    image = np.ones((10, 12, 3), np.uint8)
+    labels = np.ones((10, 12), np.int32)
+    out_image, out_labels = random_crop(image, labels, 16, np.random.default_rng(0))
+    assert out_image.shape == (16, 16, 3)
+    assert (out_labels[:10, :12] == 1).all() and (out_labels[10:] == IGNORE_INSTANCE).all()
+
+
+def test_recall_trainer_trains_only_the_branch_and_resumes(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_scene_dataset(tmp_path, rng)
+    base = create_model("effnet-lite", {"input_size": 64, "decoder_channels": 16, "click_channels": 8})
+    init = save_checkpoint(base, tmp_path / "base.safetensors", meta={"version": "base"})
+    overrides = [f"init={init}", "recall_channels=8", "recall_input_size=96", f"wgisd={tmp_path / 'wgisd'}",
+                 f"bsds500={tmp_path / 'bsds'}", "bsds500_splits=[train]", f"out_dir={tmp_path / 'run'}",
+                 "steps=2", "batch_size=2", "crop_size=64", "checkpoint_every=1", "device=cpu", "threads=1"]
+    trainer = RecallTrainer(load_recall_config(None, overrides))
+    frozen_before = trainer.recall.blocks[0][0].conv_dw.weight.clone()
+    seg_before = trainer.net.head[-1].weight.clone()
+    head_before = trainer.recall.head[-1].weight.clone()
+    result = trainer.run()
+    assert result["step"] == 2
+    assert torch.equal(trainer.recall.blocks[0][0].conv_dw.weight, frozen_before)
+    assert torch.equal(trainer.net.head[-1].weight, seg_before)
+    assert not torch.equal(trainer.recall.head[-1].weight, head_before)
+    exported = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert exported.recall is not None and exported.checkpoint_meta["recall"]["steps"] == 2
+    assert torch.equal(exported.head[-1].weight.float(), seg_before.half().float())
+    resumed = RecallTrainer(load_recall_config(None, overrides + ["steps=3"]))
+    assert resumed.step == 2
+    with pytest.raises(ValueError, match="wgisd_holdout"):
+        RecallTrainer(load_recall_config(None, overrides + ["wgisd_holdout=[missing]", f"out_dir={tmp_path / 'r2'}"]))
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_recall_config(None, ["nonsense=1"])
+
+
+def test_segmenter_training_leaves_the_recall_branch_alone(tmp_path):
+    net = tiny_net(recall_channels=8)
+    init = save_checkpoint(net, tmp_path / "with_recall.safetensors")
+    rng = np.random.default_rng(0)
+    _write_scene_dataset(tmp_path, rng)
+    config = load_config(None, [f"init={init}", f"datasets=[{{spec: 'wgisd:{tmp_path / 'wgisd'}'}}]",
+                                f"out_dir={tmp_path / 'seg'}", "steps=1", "batch_size=2", "device=cpu",
+                                "threads=1", "validation.spec=null", "arch_config={input_size: 64}"])
+    trainer = Trainer(config)
+    before = {k: v.clone() for k, v in trainer.net.recall.state_dict().items()}
+    trainer.run()
+    for k, v in trainer.net.recall.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# --- MOIS ----------------------------------------------------------------------------------------------
+
+
+def test_match_proposals_is_one_to_one():
+    g1 = np.zeros((10, 10), bool)
+    g1[:5, :5] = True
+    g2 = np.zeros((10, 10), bool)
+    g2[5:, 5:] = True
+    found, unmatched = match_proposals([g1, g1.copy(), np.zeros((10, 10), bool)], [g1, g2], 0.85)
+    assert found == [0] and unmatched == 2
+
+
+class OracleSegmenter(FixedRecall):
+    """Segments the instance under the first click exactly; recall map given."""
+
+    labels = None
+
+    def predict(self, state, clicks, prev_mask=None):
+        first = clicks[0]
+        return (self.labels == self.labels[int(first.y), int(first.x)]).astype(np.float32)
+
+
+def test_evaluate_image_counts_actions():
+    predictor = OracleSegmenter(tiny_net())
+    labels = np.zeros((48, 64), np.int32)
+    labels[4:16, 4:16], labels[4:16, 30:42], labels[30:42, 4:16], labels[30:42, 40:52] = 1, 2, 3, 4
+    labels[44:47, 60:63] = 5  # a speck the recall map misses
+    predictor.labels = labels
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    recall_map = (labels > 0).astype(np.float32) * 0.9
+    recall_map[labels == 5] = 0
+    recall_map[20:26, 20:30] = 0.8  # one false proposal
+    predictor.recall_map = recall_map
+    results = evaluate_image(predictor, image, labels, "img", np.random.default_rng(0), max_clicks=3,
+                             min_scores=[0.5, 0.85], min_area=4)
+    strict = results[1]
+    assert strict.proposals == strict.matched["0.85"]  # the 0.8 false proposal is below 0.85
+    result = results[0]
+    assert result.objects == 5
+    assert result.noc["0.85"] == [1, 1, 1, 1, 1]
+    assert result.actions_without["0.85"] == 5
+    # objects 1 and 2 cost one click each; of the three others, the recall finds all but the speck
+    # (unless the speck is object 1 or 2); the false proposal costs one deletion.
+    assert result.false_proposals["0.85"] == 1
+    assert result.actions_with["0.85"] == 2 + (3 - result.matched["0.85"]) + 1
+    assert result.matched["0.85"] in (2, 3)
+    assert result.proposals == result.matched["0.85"] + 1
+    summary = summarize([result])
+    assert summary["0.85"]["images"] == 1 and summary["0.85"]["false_proposals_per_image"] == 1
+    assert summary["0.85"]["reduction_percent"] == pytest.approx(100 * (5 - result.actions_with["0.85"]) / 5)
+    # A single-instance image is skipped.
+    assert evaluate_image(predictor, image, (labels == 1).astype(np.int32), "one", np.random.default_rng(0),
+                          3, [0.5], 4) is None
+
+
+def test_split_touching_separates_two_blobs_and_keeps_one():
+    from model.recall import split_touching
+    yy, xx = np.mgrid[:40, :80]
+    two = ((yy - 20) ** 2 + (xx - 22) ** 2 < 15 ** 2) | ((yy - 20) ** 2 + (xx - 52) ** 2 < 15 ** 2)
+    parts = split_touching(two, expected_area=np.pi * 15 ** 2)
+    assert len(parts) == 2
+    assert sum(p.sum() for p in parts) == two.sum() and not (parts[0] & parts[1]).any()
+    left = parts[0] if parts[0][20, 22] else parts[1]
+    assert left[20, 10] and not left[20, 60]
+    one = (yy - 20) ** 2 + (xx - 30) ** 2 < 15 ** 2
+    assert len(split_touching(one, expected_area=np.pi * 15 ** 2)) == 1
+    ellipse = ((yy - 20) / 12.0) ** 2 + ((xx - 40) / 30.0) ** 2 < 1  # one elongated object
+    assert len(split_touching(ellipse, expected_area=ellipse.sum())) == 1
+    found = propose_objects(two.astype(np.float32) * 0.9, min_score=0.5, min_area=10, expected_area=np.pi * 15 ** 2)
+    assert len(found) == 2
+
+
+def test_mois_command_writes_tables(tmp_path, capsys):
+    from model.evaluate_mois import main
+    _write_scene_dataset(tmp_path, np.random.default_rng(0))
+    checkpoint = save_checkpoint(tiny_net(), tmp_path / "net.safetensors", meta={"version": "tiny"})
+    assert main(["--checkpoint", str(checkpoint), "--dataset", str(tmp_path / "wgisd"), "--max-clicks", "2",
+                 "--min-score", "0.5", "0.7", "--out-dir", str(tmp_path / "out"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "proposal min score 0.5" in out and "proposal min score 0.7" in out and "| 0.85 | 2 | 6 |" in out
+    import json
+    payload = json.loads((tmp_path / "out" / "mois.json").read_text())
+    assert [r["min_score"] for r in payload["runs"]] == [0.5, 0.7] and payload["model_version"] == "tiny"
+    no_recall = save_checkpoint(tiny_net(recall_channels=0), tmp_path / "plain.safetensors")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(no_recall), "--dataset", str(tmp_path / "wgisd")])
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint), "--dataset", str(tmp_path / "wgisd"), "--images", "missing"])

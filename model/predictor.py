@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy import ndimage
 
 from .checkpoint import load_checkpoint
@@ -96,10 +97,16 @@ def _network_shape(height: int, width: int, input_size: int, multiple: int) -> T
             max(multiple, int(round(width * scale / multiple)) * multiple))
 
 
-def _area_resize(mask: np.ndarray, size: Tuple[int, int], device) -> torch.Tensor:
-    """Float (H, W) map -> (1, 1, h, w) tensor, area-averaged (bilinear when enlarging)."""
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)).to(device)[None, None]
-    return _resize(t, size)
+def _shrink_map(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Bool or [0, 1] map (H, W) -> float32 ``size`` (box filter; PIL is much faster than torch here)."""
+    mask = np.asarray(mask)
+    if mask.shape == tuple(size):
+        return mask.astype(np.float32)
+    if mask.dtype == bool:
+        small = Image.fromarray(mask.view(np.uint8) * np.uint8(255)).resize((size[1], size[0]), Image.BOX)
+        return np.array(small, dtype=np.float32) / 255.0
+    small = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32), mode="F").resize((size[1], size[0]), Image.BOX)
+    return np.array(small, dtype=np.float32)
 
 
 def _upscale_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -224,7 +231,6 @@ class ClickSegPredictor:
             state.recall_features = self.net.recall.encode(_resize(state.working, size))
         return state.recall_features
 
-    @torch.inference_mode()
     def recall(self, state: ImageState, exemplar_mask: np.ndarray, clicks: Sequence[Click],
                object_prob: np.ndarray) -> np.ndarray:
         """Probability (h, w) at working size that a pixel belongs to an object like the exemplar.
@@ -232,21 +238,28 @@ class ClickSegPredictor:
         exemplar_mask bool (H, W): union of the accepted objects of the label; clicks and
         object_prob (H, W): the current object's clicks and probability map (full-size pixels).
         """
-        features = self.encode_recall(state)
-        clicks = list(clicks)
-        validate_clicks(clicks, state.height, state.width)
+        self._check_recall_inputs(state, exemplar_mask, clicks, object_prob)
+        return self._recall_working(state, _shrink_map(exemplar_mask, state.working_size), clicks, object_prob)
+
+    def _check_recall_inputs(self, state: ImageState, exemplar_mask, clicks, object_prob) -> None:
+        validate_clicks(list(clicks), state.height, state.width)
         for name, m in (("exemplar_mask", exemplar_mask), ("object_prob", object_prob)):
             if np.shape(m) != (state.height, state.width):
                 raise ValueError(f"{name} has shape {np.shape(m)}, expected the image's (H, W) = "
                                  f"({state.height}, {state.width})")
         if not np.any(exemplar_mask):
             raise ValueError("exemplar_mask is empty: recall needs at least one accepted object")
+
+    @torch.inference_mode()
+    def _recall_working(self, state: ImageState, exemplar_working: np.ndarray, clicks: Sequence[Click],
+                        object_prob: np.ndarray) -> np.ndarray:
+        features = self.encode_recall(state)
         input_h, input_w = (side * RECALL_STRIDE for side in features.coarse.shape[-2:])
-        exemplar = _area_resize(np.asarray(exemplar_mask, dtype=np.float32), (input_h, input_w), self.device)
+        exemplar = _resize(torch.from_numpy(exemplar_working).to(self.device)[None, None], (input_h, input_w))
         if object_prob is state.last_output and state.last_output_working is not None:
             obj = _resize(state.last_output_working, (input_h, input_w))
         else:
-            obj = _area_resize(np.asarray(object_prob, dtype=np.float32), (input_h, input_w), self.device)
+            obj = torch.from_numpy(_shrink_map(object_prob, (input_h, input_w))).to(self.device)[None, None]
         sy, sx = input_h / state.height, input_w / state.width
         scaled = [Click((c.y + 0.5) * sy - 0.5, (c.x + 0.5) * sx - 0.5, c.is_positive) for c in clicks]
         maps = encode_click_maps(scaled, input_h, input_w, radius=RECALL_CLICK_RADIUS, device=self.device)[:, 1:]
@@ -260,20 +273,22 @@ class ClickSegPredictor:
 
         ``exclude`` bool (H, W): pixels no proposal may cover (accepted objects, the current
         object); defaults to the exemplar mask plus ``object_prob >= 0.49``. ``options`` go to
-        ``model.recall.propose_objects`` (``min_score``, ``min_area`` in full-size pixels, ...).
+        ``model.recall.propose_objects`` (``min_score``, ``min_area`` in full-size pixels, ...);
+        ``expected_area`` defaults to the accepted objects' mean area (splits touching objects).
         """
-        prob_working = self.recall(state, exemplar_mask, clicks, object_prob)
         if exclude is None:
             exclude = np.asarray(exemplar_mask, dtype=bool) | (np.asarray(object_prob) >= MASK_THRESHOLD)
-        wh, ww = prob_working.shape
-        scale = (wh * ww) / (state.height * state.width)
+        elif np.shape(exclude) != (state.height, state.width):
+            raise ValueError(f"exclude has shape {np.shape(exclude)}, expected ({state.height}, {state.width})")
+        working = state.working_size
+        prob_working = self.recall(state, exemplar_mask, clicks, object_prob)
+        scale = (working[0] * working[1]) / (state.height * state.width)
         if "min_area" in options:
             options["min_area"] = max(1, int(round(options["min_area"] * scale)))
-        exclude_working = _area_resize(np.asarray(exclude, dtype=np.float32), (wh, ww), self.device)[0, 0].cpu().numpy() > 0.5
-        if "expected_area" not in options:  # the accepted objects' mean area, to split touching objects
-            exemplar_working = _area_resize(np.asarray(exemplar_mask, dtype=np.float32), (wh, ww), self.device)
-            parts, count = ndimage.label(exemplar_working[0, 0].cpu().numpy() > 0.5)
-            options["expected_area"] = float((parts > 0).sum()) / max(1, count) if count else None
+        if "expected_area" not in options:
+            parts, count = ndimage.label(_shrink_map(exemplar_mask, working) > 0.5)
+            options["expected_area"] = float((parts > 0).sum()) / count if count else None
+        exclude_working = _shrink_map(exclude, working) > 0.5
         found = propose_objects(prob_working, exclude_working, **options)
         return [Proposal(_upscale_mask(p.mask, (state.height, state.width)) & ~exclude, p.score) for p in found]
 

@@ -191,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset", default="../shared/data/wgisd-dev", help="WGISD-style folder (images/, instances/)")
     parser.add_argument("--images", nargs="*", help="only these image stems (e.g. the recall hold-out)")
     parser.add_argument("--max-clicks", type=int, default=20)
-    parser.add_argument("--min-score", type=float, nargs="+", default=[0.6],
+    parser.add_argument("--min-score", type=float, nargs="+", default=[0.7],
                         help="proposal score threshold(s); several give one table each (shared clicking)")
     parser.add_argument("--min-area", type=int, default=64, help="smallest proposal in full-size pixels")
     parser.add_argument("--seed", type=int, default=0, help="object order per image")

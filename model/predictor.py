@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 
 from .checkpoint import load_checkpoint
 from .clicks import Click, encode_click_maps, validate_clicks
@@ -273,8 +272,7 @@ class ClickSegPredictor:
 
         ``exclude`` bool (H, W): pixels no proposal may cover (accepted objects, the current
         object); defaults to the exemplar mask plus ``object_prob >= 0.49``. ``options`` go to
-        ``model.recall.propose_objects`` (``min_score``, ``min_area`` in full-size pixels, ...);
-        ``expected_area`` defaults to the accepted objects' mean area (splits touching objects).
+        ``model.recall.propose_objects`` (``min_score``, ``min_area`` in full-size pixels, ...).
         """
         if exclude is None:
             exclude = np.asarray(exemplar_mask, dtype=bool) | (np.asarray(object_prob) >= MASK_THRESHOLD)
@@ -285,9 +283,6 @@ class ClickSegPredictor:
         scale = (working[0] * working[1]) / (state.height * state.width)
         if "min_area" in options:
             options["min_area"] = max(1, int(round(options["min_area"] * scale)))
-        if "expected_area" not in options:
-            parts, count = ndimage.label(_shrink_map(exemplar_mask, working) > 0.5)
-            options["expected_area"] = float((parts > 0).sum()) / count if count else None
         exclude_working = _shrink_map(exclude, working) > 0.5
         found = propose_objects(prob_working, exclude_working, **options)
         return [Proposal(_upscale_mask(p.mask, (state.height, state.width)) & ~exclude, p.score) for p in found]

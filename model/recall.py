@@ -16,7 +16,6 @@ accepted objects removed, scored, thresholded).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -209,16 +208,13 @@ def propose_objects(
     exclude: Optional[np.ndarray] = None,
     *,
     threshold: float = 0.5,
-    min_score: float = 0.6,
+    min_score: float = 0.7,
     min_area: int = 16,
     max_excluded_fraction: float = 0.3,
     max_proposals: int = 50,
-    expected_area: Optional[float] = None,
 ) -> List[Proposal]:
     """Connected components of ``recall_prob >= threshold`` as proposals, best first.
 
-    With ``expected_area`` (a typical object's area, e.g. the exemplar's), components that
-    look like several touching objects are split (``split_touching``).
     recall_prob float (H, W). ``exclude`` bool (H, W): accepted objects and the clicked object;
     a component overlapping it by more than ``max_excluded_fraction`` of its area is dropped,
     any other loses the overlapping pixels (proposals never cover excluded pixels).
@@ -232,16 +228,9 @@ def propose_objects(
     components, count = ndimage.label(recall_prob >= threshold)
     if count == 0:
         return []
-    boxes = ndimage.find_objects(components)
-    pieces = []
-    for index, box in enumerate(boxes, start=1):
-        component = components[box] == index
-        if expected_area:
-            pieces += [(box, part) for part in split_touching(component, expected_area)]
-        else:
-            pieces.append((box, component))
     proposals = []
-    for box, component in pieces:
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        component = components[box] == index
         area = int(component.sum())
         if area < min_area:
             continue
@@ -261,51 +250,6 @@ def propose_objects(
         proposals.append(Proposal(mask, score))
     proposals.sort(key=lambda p: -p.score)
     return proposals[:max_proposals]
-
-
-def split_touching(component: np.ndarray, expected_area: float) -> List[np.ndarray]:
-    """Split a bool component into objects of about ``expected_area`` pixels: one seed per
-    distance-transform peak at least an object radius apart, each pixel to its nearest seed.
-    Returns ``[component]`` when it is not clearly several objects."""
-    area = float(component.sum())
-    if area < 1.6 * expected_area:
-        return [component]
-    radius = max(2.0, math.sqrt(expected_area / math.pi))
-    dt = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
-    window = 2 * int(0.7 * radius) + 1
-    peaks = (dt == ndimage.maximum_filter(dt, size=window)) & (dt >= 0.35 * radius)
-    peak_labels, count = ndimage.label(peaks, structure=np.ones((3, 3)))
-    if count < 2:
-        return [component]
-    centres = np.array(ndimage.center_of_mass(peaks, peak_labels, range(1, count + 1)))
-    # Merge seeds closer than one radius (plateaus and ridges of one object).
-    parent = list(range(count))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(count):
-        for j in range(i + 1, count):
-            if np.hypot(*(centres[i] - centres[j])) < radius:
-                parent[root(j)] = root(i)
-    roots = sorted({root(i) for i in range(count)})
-    if len(roots) < 2:
-        return [component]
-    markers = np.zeros(component.shape, np.int32)
-    for new, r in enumerate(roots, start=1):
-        for i in range(count):
-            if root(i) == r:
-                markers[peak_labels == i + 1] = new
-    # Each pixel goes to its nearest seed (a Voronoi split; the cut runs through the neck).
-    _, (iy, ix) = ndimage.distance_transform_edt(markers == 0, return_indices=True)
-    nearest = markers[iy, ix]
-    parts = [(nearest == k) & component for k in range(1, len(roots) + 1)]
-    if any(part.sum() < 0.3 * expected_area for part in parts):
-        return [component]
-    return parts
 
 
 def union_mask(masks: Sequence[np.ndarray], shape) -> np.ndarray:

@@ -346,23 +346,6 @@ def test_evaluate_image_counts_actions():
                           3, [0.5], 4) is None
 
 
-def test_split_touching_separates_two_blobs_and_keeps_one():
-    from model.recall import split_touching
-    yy, xx = np.mgrid[:40, :80]
-    two = ((yy - 20) ** 2 + (xx - 22) ** 2 < 15 ** 2) | ((yy - 20) ** 2 + (xx - 52) ** 2 < 15 ** 2)
-    parts = split_touching(two, expected_area=np.pi * 15 ** 2)
-    assert len(parts) == 2
-    assert sum(p.sum() for p in parts) == two.sum() and not (parts[0] & parts[1]).any()
-    left = parts[0] if parts[0][20, 22] else parts[1]
-    assert left[20, 10] and not left[20, 60]
-    one = (yy - 20) ** 2 + (xx - 30) ** 2 < 15 ** 2
-    assert len(split_touching(one, expected_area=np.pi * 15 ** 2)) == 1
-    ellipse = ((yy - 20) / 12.0) ** 2 + ((xx - 40) / 30.0) ** 2 < 1  # one elongated object
-    assert len(split_touching(ellipse, expected_area=ellipse.sum())) == 1
-    found = propose_objects(two.astype(np.float32) * 0.9, min_score=0.5, min_area=10, expected_area=np.pi * 15 ** 2)
-    assert len(found) == 2
-
-
 def test_mois_command_writes_tables(tmp_path, capsys):
     from model.evaluate_mois import main
     _write_scene_dataset(tmp_path, np.random.default_rng(0))

@@ -4,7 +4,9 @@ For each image size and CFR setting (off: ``cfr_steps=0``; on: the predictor's
 defaults) it times, over ``--repeats`` fresh sessions on one image:
 
 - the first click: ``encode_image`` + ``predict`` (what a new image costs);
-- later clicks: clicks 2..5 on the same image, each with the previous map as ``prev_mask``.
+- later clicks: clicks 2..5 on the same image, each with the previous map as ``prev_mask``;
+- with a recall branch, the click that triggers exemplar recall: segmentation alone, and the
+  proposals on top with the image's recall features cached (as the server warms them) or not.
 
 The clicks come from the standard ``Clicker`` on a synthetic blob object, so they
 follow the model's own errors. One untimed warm-up session per setting records
@@ -132,6 +134,49 @@ def benchmark_setting(predictor, size: Tuple[int, int], cfr: str, repeats: int, 
     )
 
 
+@dataclass
+class RecallRow:
+    size: str
+    click_p50_ms: float  # the triggering click's segmentation (CFR on)
+    recall_warm_p50_ms: float  # + proposals, recall features already cached
+    recall_cold_p50_ms: float  # + proposals, recall features computed on that click
+    samples: int
+
+
+def benchmark_recall(predictor, size: Tuple[int, int], repeats: int) -> RecallRow:
+    """The click that triggers exemplar recall: a first click on a new object of a scene whose
+    blob (the exemplar) was accepted; recall timed with and without cached features."""
+    image, gt = synthetic_scene(*size)
+    exemplar = gt.astype(bool)
+    second = np.roll(exemplar, exemplar.shape[1] // 2, axis=1) & ~exemplar
+    ys, xs = np.nonzero(second if second.any() else exemplar)
+    click = Click(float(ys[len(ys) // 2]), float(xs[len(xs) // 2]))
+    state = predictor.encode_image(image)
+    predictor.propose(state, exemplar, [click], predictor.predict(state, [click]))  # warm-up
+    clicks, warm, cold = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prob = predictor.predict(state, [click])
+        clicks.append(1000 * (time.perf_counter() - start))
+        state.recall_features = None
+        start = time.perf_counter()
+        predictor.propose(state, exemplar, [click], prob)
+        cold.append(1000 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        predictor.propose(state, exemplar, [click], prob)
+        warm.append(1000 * (time.perf_counter() - start))
+    return RecallRow(f"{size[0]}x{size[1]}", float(np.median(clicks)), float(np.median(warm)),
+                     float(np.median(cold)), repeats)
+
+
+def format_recall_table(rows: Sequence[RecallRow]) -> str:
+    lines = ["size        click p50  + recall (cached features)  + recall (features on this click)   (ms)"]
+    for r in rows:
+        lines.append(f"{r.size:<11} {r.click_p50_ms:9.1f}  {r.recall_warm_p50_ms:8.1f} ({100 * r.recall_warm_p50_ms / r.click_p50_ms:+.0f}%)"
+                     f"            {r.recall_cold_p50_ms:8.1f} ({100 * r.recall_cold_p50_ms / r.click_p50_ms:+.0f}%)")
+    return "\n".join(lines)
+
+
 def machine_info() -> Dict[str, Any]:
     import torch
 
@@ -198,6 +243,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(benchmark_setting(predictor, size, label, args.repeats, args.warmup))
             print(f"  done {rows[-1].size} CFR {label}", file=sys.stderr)
     print(format_table(rows))
+    recall_rows = []
+    if cfr_on.has_recall:
+        recall_rows = [benchmark_recall(cfr_on, size, args.repeats) for size in sizes]
+        print("\nExemplar recall on the triggering click (CFR on):")
+        print(format_recall_table(recall_rows))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "checkpoint": checkpoint, "model_version": cfr_on.model_version, "device": args.device,
             "repeats": args.repeats, "clicks_per_session": CLICKS_PER_SESSION, "machine": info,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "rows": [asdict(r) for r in rows],
+            "rows": [asdict(r) for r in rows], "recall_rows": [asdict(r) for r in recall_rows],
         }, indent=1))
         print(f"wrote {out}", file=sys.stderr)
     return 0

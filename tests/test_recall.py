@@ -362,3 +362,12 @@ def test_mois_command_writes_tables(tmp_path, capsys):
         main(["--checkpoint", str(no_recall), "--dataset", str(tmp_path / "wgisd")])
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint), "--dataset", str(tmp_path / "wgisd"), "--images", "missing"])
+
+
+def test_benchmark_recall_row():
+    from model.benchmark import benchmark_recall, format_recall_table
+    predictor = ClickSegPredictor(tiny_net())
+    row = benchmark_recall(predictor, (96, 64), repeats=2)
+    assert row.size == "96x64" and row.samples == 2
+    assert row.click_p50_ms > 0 and row.recall_warm_p50_ms > 0 and row.recall_cold_p50_ms > 0
+    assert "96x64" in format_recall_table([row])

@@ -129,6 +129,40 @@ def test_a_submitted_annotation_reaches_the_backend_and_its_exemplar_store(label
     assert [w["status"] for w in new_webhooks] == [201], new_webhooks
 
 
+def two_object_scene(scene: Scene) -> Scene:
+    """``scene`` with a copy of its object beside it (the second object is ``mask`` shifted right)."""
+    shift = scene.width // 2
+    source = scene.mask[:, : scene.width - shift]
+    image, mask = scene.image.copy(), np.zeros_like(scene.mask)
+    mask[:, shift:] = source
+    image[:, shift:][source] = scene.image[:, : scene.width - shift][source]
+    return Scene(image, mask & ~scene.mask, (scene.centre[0], scene.centre[1] + shift), scene.radius)
+
+
+def test_the_first_click_on_a_second_object_returns_it_first_and_proposals_apart_from_the_accepted_one(
+        label_studio, backend, project, scene):
+    second = two_object_scene(scene)
+    task_id, _ = upload_image(label_studio, project, second, name="two.png")
+    accepted = brush_region(interactive(label_studio, project, task_id, [centre_click(scene)])[0])
+    submit_annotation(label_studio, task_id, [accepted])
+    wait_for(lambda: stored_exemplars(backend, project, task_id), 30, "the accepted region in the exemplar store")
+
+    answer, _ = interactive(label_studio, project, task_id, [keypoint(second, *second.centre, positive=True)])
+    assert "errors" not in answer, f"Label Studio reports the backend failed: {answer['errors']}"
+    regions = [r for r in answer["data"]["result"] if r.get("type") == "brushlabels"]
+    assert regions, answer
+    accepted_mask = decode_brush(accepted)
+    clicked = decode_brush(regions[0])
+    assert clicked[second.centre], "the first region is the clicked object's mask"
+    ids = [r["id"] for r in regions]
+    assert len(set(ids)) == len(ids) and accepted["id"] not in ids
+    for proposal in regions[1:]:
+        mask = decode_brush(proposal)
+        assert not (mask & accepted_mask).any(), "a proposal covers the accepted region"
+        assert proposal["value"]["brushlabels"] == accepted["value"]["brushlabels"]
+        assert 0 <= proposal["score"] <= 1
+
+
 def job_status(backend: Backend, project: Project) -> Dict[str, Any]:
     response = requests.get(f"{backend.url}/jobs/{project.id}", timeout=30)
     assert response.status_code == 200, f"GET /jobs/{project.id}: HTTP {response.status_code} {response.text[:500]}"

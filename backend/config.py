@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from model.predictor import DEFAULT_CHECKPOINT
+from model.recall import PROPOSAL_MIN_SCORE
 
 from .images import ImageAccessSettings
 
@@ -132,7 +133,7 @@ class Settings:
     image_access: ImageAccessSettings
     exemplar_max_tasks: int = 2000
     recall: bool = True  # RECALL: propose objects like the accepted ones (models with a recall branch)
-    recall_min_score: float = 0.7  # RECALL_MIN_SCORE: proposals scoring less are dropped
+    recall_min_score: float = PROPOSAL_MIN_SCORE  # RECALL_MIN_SCORE: proposals scoring less are dropped
     recall_min_area: int = 64  # RECALL_MIN_AREA: smallest proposal, in image pixels
     recall_max_proposals: int = 20  # RECALL_MAX_PROPOSALS: proposals per object at most
     fit: FitSettings = field(default_factory=FitSettings)
@@ -173,7 +174,7 @@ class Settings:
             image_access=ImageAccessSettings.from_env(env),
             exemplar_max_tasks=_int(env, "EXEMPLAR_MAX_TASKS", 2000, minimum=1),
             recall=_bool(env, "RECALL", True),
-            recall_min_score=_float(env, "RECALL_MIN_SCORE", 0.7, low=0.0, high=1.0),
+            recall_min_score=_float(env, "RECALL_MIN_SCORE", PROPOSAL_MIN_SCORE, low=0.0, high=1.0),
             recall_min_area=_int(env, "RECALL_MIN_AREA", 64, minimum=1),
             recall_max_proposals=_int(env, "RECALL_MAX_PROPOSALS", 20, minimum=1),
             fit=FitSettings.from_env(env),

@@ -27,6 +27,7 @@ from .clicks import Clicker, iou
 from .data import read_label_map, read_rgb
 from .evaluate import noc
 from .predictor import DEFAULT_CHECKPOINT, MASK_THRESHOLD, ClickSegPredictor
+from .recall import PROPOSAL_MIN_SCORE
 
 log = logging.getLogger("model.evaluate_mois")
 THRESHOLDS = (0.85, 0.90)
@@ -191,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset", default="../shared/data/wgisd-dev", help="WGISD-style folder (images/, instances/)")
     parser.add_argument("--images", nargs="*", help="only these image stems (e.g. the recall hold-out)")
     parser.add_argument("--max-clicks", type=int, default=20)
-    parser.add_argument("--min-score", type=float, nargs="+", default=[0.7],
+    parser.add_argument("--min-score", type=float, nargs="+", default=[PROPOSAL_MIN_SCORE],
                         help="proposal score threshold(s); several give one table each (shared clicking)")
     parser.add_argument("--min-area", type=int, default=64, help="smallest proposal in full-size pixels")
     parser.add_argument("--seed", type=int, default=0, help="object order per image")

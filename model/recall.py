@@ -31,6 +31,7 @@ from .layers import IMAGE_MEAN, IMAGE_STD, conv_bn_relu
 RECALL_STAGES = (2, 4)  # backbone stages used: strides 8 and 16
 FINE_STAGE = 1  # stride 4, for the optional boundary refinement
 RECALL_STRIDE = 8
+PROPOSAL_MIN_SCORE = 0.8  # measured on WGISD-dev MOIS: at most 1 false proposal per image (0.4)
 RECALL_CLICK_RADIUS = 8  # click disk radius at recall-input resolution
 MAX_KERNELS = 1024  # correlation kernels kept per mask (strided subsample beyond this)
 # Input channels of the fusion module besides the features: 4 responses, exemplar, object, pos, neg, prev.
@@ -208,7 +209,7 @@ def propose_objects(
     exclude: Optional[np.ndarray] = None,
     *,
     threshold: float = 0.5,
-    min_score: float = 0.7,
+    min_score: float = PROPOSAL_MIN_SCORE,
     min_area: int = 16,
     max_excluded_fraction: float = 0.3,
     max_proposals: int = 50,

@@ -64,11 +64,11 @@ IMAGE[B_STRIP] = HARD
 # The recall map (at working size = image size, the image is small).
 RECALL_MAP = np.zeros((H, W), np.float32)
 RECALL_MAP[box(4, 16, 4, 19)] = 0.95  # A and a strip beside it: mostly accepted, dropped
-RECALL_MAP[C] = 0.9
-RECALL_MAP[box(28, 40, 20, 36)] = 0.8  # D and 25 % of LEAF: kept without LEAF's pixels
-RECALL_MAP[E] = 0.55  # below RECALL_MIN_SCORE
+RECALL_MAP[C] = 0.95
+RECALL_MAP[box(28, 40, 20, 36)] = 0.9  # D and 25 % of LEAF: kept without LEAF's pixels
+RECALL_MAP[E] = 0.6  # below the default RECALL_MIN_SCORE
 F = box(4, 16, 32, 50)  # overlaps B's body by 11 %, and its strip
-RECALL_MAP[F] = 0.75
+RECALL_MAP[F] = 0.85
 
 B1 = pixel_keypoint(28, 10, width=W, height=H)  # B's body
 B2 = pixel_keypoint(35, 10, width=W, height=H)  # B's strip (refines B)
@@ -202,7 +202,7 @@ def test_the_first_click_of_a_new_object_proposes_the_objects_like_the_exemplar(
     object_id = regions[0]["id"]
     assert [r["id"] for r in regions[1:]] == [f"{object_id}-r0", f"{object_id}-r1", f"{object_id}-r2"]
     assert_masks(regions[1:], [C, D, F & ~B_BODY])  # D without LEAF's pixels; E and A's strip dropped
-    assert [r["score"] for r in regions[1:]] == pytest.approx([0.9, 0.8, 0.75])
+    assert [r["score"] for r in regions[1:]] == pytest.approx([0.95, 0.9, 0.85])
     for region in regions[1:]:
         assert region["from_name"] == "tag" and region["to_name"] == "image" and region["type"] == "brushlabels"
         assert (region["original_width"], region["original_height"], region["image_rotation"]) == (W, H, 0)
@@ -220,7 +220,7 @@ def test_proposals_never_cover_accepted_regions_or_the_object(backend):
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({"RECALL_MIN_SCORE": "0.85"}, [C]),
+    ({"RECALL_MIN_SCORE": "0.92"}, [C]),
     ({"RECALL_MAX_PROPOSALS": "2"}, [C, D]),
     ({"RECALL_MIN_AREA": "150"}, [F & ~B_BODY]),  # 192 pixels; C and D (without LEAF) have 144
     ({"RECALL_MIN_SCORE": "0.5"}, [C, D, F & ~B_BODY, E]),
@@ -339,7 +339,7 @@ def test_the_recall_features_are_computed_in_the_background(backend):
 def test_recall_settings_defaults_and_values():
     defaults = Settings.from_env({})
     assert (defaults.recall, defaults.recall_min_score, defaults.recall_min_area, defaults.recall_max_proposals) == \
-        (True, 0.7, 64, 20)
+        (True, 0.8, 64, 20)
     settings = Settings.from_env({"RECALL": "0", "RECALL_MIN_SCORE": "0.75", "RECALL_MIN_AREA": "10",
                                   "RECALL_MAX_PROPOSALS": "5"})
     assert (settings.recall, settings.recall_min_score, settings.recall_min_area, settings.recall_max_proposals) == \

@@ -9,7 +9,7 @@ import string
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
@@ -157,10 +157,15 @@ def interactive(ls: LabelStudio, project: Project, task_id: int, keypoints: Sequ
     return response.json(), time.perf_counter() - started
 
 
-def brush_region(answer: Dict[str, Any]) -> Dict[str, Any]:
-    """The single brushlabels region of a successful interactive answer (asserts there are no errors)."""
+def brush_regions(answer: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The brushlabels regions of a successful interactive answer (asserts there are no errors)."""
     assert "errors" not in answer, f"Label Studio reports the backend failed: {answer['errors']}"
-    regions = [r for r in answer["data"]["result"] if r.get("type") == "brushlabels"]
+    return [r for r in answer["data"]["result"] if r.get("type") == "brushlabels"]
+
+
+def brush_region(answer: Dict[str, Any]) -> Dict[str, Any]:
+    """The single brushlabels region of a successful interactive answer."""
+    regions = brush_regions(answer)
     assert len(regions) == 1, f"expected one brushlabels region, got {answer['data']['result']!r:.500}"
     return regions[0]
 

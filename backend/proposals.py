@@ -54,51 +54,59 @@ class AcceptedRegions:
 
 @dataclass
 class ObjectProposals:
-    """The proposals computed on an object's first click, kept while the object is refined."""
+    """The proposals computed on an object's first click, kept while the object is refined.
+
+    Each is kept as its box (y0, y1, x0, x1) and the bit-packed mask inside it, so keeping and
+    re-checking them costs what the objects cost, not the image.
+    """
 
     result_id: str  # the object's region id (proposal ids derive from it)
     start: int  # the object's first prompt (with result_id, identifies the object)
     exemplar_ids: FrozenSet[str]  # the accepted regions they were computed from
     height: int
     width: int
-    masks: List[np.ndarray]  # bit-packed full-size masks (pack_mask), best first
+    boxes: List[Tuple[int, int, int, int]]  # best first
+    crops: List[np.ndarray]  # pack_mask of each box's mask
     scores: List[float]
 
     @classmethod
     def of(cls, result_id: str, start: int, exemplar_ids: Set[str], proposals: Sequence,
            height: int, width: int) -> "ObjectProposals":
-        """From ``model.recall.Proposal``s (``.mask`` bool (H, W), ``.score``)."""
+        """From ``model.recall.Proposal``s (``.crop`` bool inside ``.box``, ``.score``)."""
         return cls(result_id, start, frozenset(exemplar_ids), height, width,
-                   [pack_mask(p.mask) for p in proposals], [float(p.score) for p in proposals])
+                   [tuple(int(v) for v in p.box) for p in proposals], [pack_mask(p.crop) for p in proposals],
+                   [float(p.score) for p in proposals])
 
     def belongs_to(self, result_id: str, start: int) -> bool:
         return (self.result_id, self.start) == (result_id, start)
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.masks)
+        return sum(m.nbytes for m in self.crops)
 
     def visible(self, accepted: AcceptedRegions, object_mask: np.ndarray,
                 min_area: int) -> List[Tuple[str, np.ndarray, float]]:
-        """``(region id, mask, score)`` of the proposals to return now.
+        """``(region id, full-size mask, score)`` of the proposals to return now.
 
         A proposal whose id was accepted, or that accepted regions and the object's mask now
         cover by more than ``MAX_COVERED_FRACTION``, is dropped; the others lose the covered
         pixels (and are dropped below ``min_area``).
         """
-        blocked = accepted.covered | object_mask
         visible = []
-        for index, (packed, score) in enumerate(zip(self.masks, self.scores)):
+        for index, (box, packed, score) in enumerate(zip(self.boxes, self.crops, self.scores)):
             region_id = proposal_id(self.result_id, index)
             if region_id in accepted.ids:
                 continue
-            mask = unpack_mask(packed, self.height, self.width)
-            area = int(mask.sum())
-            hidden = mask & blocked
+            y0, y1, x0, x1 = box
+            crop = unpack_mask(packed, y1 - y0, x1 - x0)
+            area = int(crop.sum())
+            hidden = crop & (accepted.covered[y0:y1, x0:x1] | object_mask[y0:y1, x0:x1])
             if area == 0 or int(hidden.sum()) > MAX_COVERED_FRACTION * area:
                 continue
-            mask &= ~hidden
-            if int(mask.sum()) < min_area:
+            crop &= ~hidden
+            if int(crop.sum()) < min_area:
                 continue
+            mask = np.zeros((self.height, self.width), dtype=bool)
+            mask[y0:y1, x0:x1] = crop
             visible.append((region_id, mask, score))
         return visible

@@ -51,8 +51,14 @@ def parse_sizes(text: str) -> List[Tuple[int, int]]:
     return sizes
 
 
-def synthetic_scene(width: int, height: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """A textured background with one lobed blob: (image uint8 (H,W,3), object mask uint8 (H,W))."""
+def synthetic_scene(width: int, height: int, seed: int = 0, objects: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """A textured background with lobed blobs of one look: (image uint8 (H,W,3), labels uint8 (H,W)).
+
+    ``labels`` is 0 on the background and k on blob k (1..objects). One object is a large blob
+    left of centre; several are smaller blobs on a grid of two rows.
+    """
+    if not 1 <= objects <= 255:
+        raise ValueError(f"objects must be in 1..255, got {objects}")
     rng = np.random.default_rng(seed)
 
     def smooth_noise(cells: int, channels: int) -> np.ndarray:
@@ -61,16 +67,23 @@ def synthetic_scene(width: int, height: int, seed: int = 0) -> Tuple[np.ndarray,
 
     background = 0.6 * smooth_noise(6, 3) + 0.4 * smooth_noise(24, 3)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    cy, cx = 0.5 * height, 0.45 * width
-    ry, rx = 0.28 * height, 0.22 * width
-    angle = np.arctan2((yy - cy) / ry, (xx - cx) / rx)
-    radius = np.hypot((yy - cy) / ry, (xx - cx) / rx)
-    mask = radius <= 1.0 + 0.15 * np.sin(3 * angle)
+    if objects == 1:
+        blobs = [(0.5 * height, 0.45 * width, 0.28 * height, 0.22 * width)]
+    else:
+        rows, cols = 2, -(-objects // 2)
+        cell_h, cell_w = height / rows, width / cols
+        blobs = [((k // cols + 0.5) * cell_h, (k % cols + 0.5) * cell_w, 0.3 * cell_h, 0.3 * cell_w)
+                 for k in range(objects)]
+    labels = np.zeros((height, width), np.uint8)
+    for k, (cy, cx, ry, rx) in enumerate(blobs, start=1):
+        angle = np.arctan2((yy - cy) / ry, (xx - cx) / rx)
+        radius = np.hypot((yy - cy) / ry, (xx - cx) / rx)
+        labels[radius <= 1.0 + 0.15 * np.sin(3 * angle)] = k
     shade = smooth_noise(12, 1)[..., None]
     foreground = np.array([200, 60, 40], np.float32) + 0.25 * (shade - 128)
-    image = np.where(mask[..., None], foreground, background)
+    image = np.where(labels[..., None] > 0, foreground, background)
     image += rng.normal(0, 6, size=(height, width, 1)).astype(np.float32)  # sensor noise
-    return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
 
 
 def record_clicks(predictor, image: np.ndarray, gt: np.ndarray, n_clicks: int = CLICKS_PER_SESSION) -> List[Click]:
@@ -134,26 +147,30 @@ def benchmark_setting(predictor, size: Tuple[int, int], cfr: str, repeats: int, 
     )
 
 
+RECALL_SCENE_OBJECTS = 6  # blobs in the recall scene: 1 accepted, 1 clicked, 4 to propose
+
+
 @dataclass
 class RecallRow:
     size: str
     click_p50_ms: float  # the triggering click's segmentation (CFR on)
     recall_warm_p50_ms: float  # + proposals, recall features already cached
     recall_cold_p50_ms: float  # + proposals, recall features computed on that click
+    proposals: int  # proposals returned (the scene has RECALL_SCENE_OBJECTS - 2 objects to find)
     samples: int
 
 
 def benchmark_recall(predictor, size: Tuple[int, int], repeats: int) -> RecallRow:
-    """The click that triggers exemplar recall: a first click on a new object of a scene whose
-    blob (the exemplar) was accepted; recall timed with and without cached features."""
-    image, gt = synthetic_scene(*size)
-    exemplar = gt.astype(bool)
-    second = np.roll(exemplar, exemplar.shape[1] // 2, axis=1) & ~exemplar
-    ys, xs = np.nonzero(second if second.any() else exemplar)
-    click = Click(float(ys[len(ys) // 2]), float(xs[len(xs) // 2]))
+    """The click that triggers exemplar recall: the first click on blob 2 of a scene of
+    ``RECALL_SCENE_OBJECTS`` like blobs whose blob 1 (the exemplar) was accepted; recall timed
+    with and without cached features."""
+    image, labels = synthetic_scene(*size, objects=RECALL_SCENE_OBJECTS)
+    exemplar = labels == 1
+    ys, xs = np.nonzero(labels == 2)
+    click = Click(float(np.median(ys)), float(np.median(xs)))
     state = predictor.encode_image(image)
     predictor.propose(state, exemplar, [click], predictor.predict(state, [click]))  # warm-up
-    clicks, warm, cold = [], [], []
+    clicks, warm, cold, found = [], [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         prob = predictor.predict(state, [click])
@@ -163,17 +180,18 @@ def benchmark_recall(predictor, size: Tuple[int, int], repeats: int) -> RecallRo
         predictor.propose(state, exemplar, [click], prob)
         cold.append(1000 * (time.perf_counter() - start))
         start = time.perf_counter()
-        predictor.propose(state, exemplar, [click], prob)
+        found.append(len(predictor.propose(state, exemplar, [click], prob)))
         warm.append(1000 * (time.perf_counter() - start))
     return RecallRow(f"{size[0]}x{size[1]}", float(np.median(clicks)), float(np.median(warm)),
-                     float(np.median(cold)), repeats)
+                     float(np.median(cold)), int(np.median(found)), repeats)
 
 
 def format_recall_table(rows: Sequence[RecallRow]) -> str:
-    lines = ["size        click p50  + recall (cached features)  + recall (features on this click)   (ms)"]
+    lines = ["size        click p50  + recall (cached features)  + recall (features on this click)  proposals   (ms)"]
     for r in rows:
         lines.append(f"{r.size:<11} {r.click_p50_ms:9.1f}  {r.recall_warm_p50_ms:8.1f} ({100 * r.recall_warm_p50_ms / r.click_p50_ms:+.0f}%)"
-                     f"            {r.recall_cold_p50_ms:8.1f} ({100 * r.recall_cold_p50_ms / r.click_p50_ms:+.0f}%)")
+                     f"            {r.recall_cold_p50_ms:8.1f} ({100 * r.recall_cold_p50_ms / r.click_p50_ms:+.0f}%)"
+                     f"          {r.proposals:3d}")
     return "\n".join(lines)
 
 

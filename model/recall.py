@@ -97,11 +97,14 @@ class DilatedBlock(nn.Module):
 
 
 class RecallFeatures(NamedTuple):
-    """Click-independent features of one image: ``coarse`` (B, C, H/8, W/8) and, with a
-    refinement stage, ``fine`` (B, F, H/4, W/4) (else None)."""
+    """Click-independent features of one image (``ExemplarRecall.encode``), computed once:
+    ``coarse`` (B, C, H/8, W/8); ``unit``, ``coarse`` L2-normalised along C (for the cosine
+    responses); with a refinement stage, ``fine_term`` (B, R, H/4, W/4), the stride-4 features'
+    share of the refinement's first convolution (else None)."""
 
     coarse: torch.Tensor
-    fine: Optional[torch.Tensor]
+    unit: torch.Tensor
+    fine_term: Optional[torch.Tensor]
 
     @property
     def nbytes(self) -> int:
@@ -168,7 +171,12 @@ class ExemplarRecall(nn.Module):
 
     def embed_stages(self, stages: Tuple[torch.Tensor, torch.Tensor]) -> RecallFeatures:
         stacked, fine = stages
-        return RecallFeatures(self.embed(stacked), self.fine_embed(fine) if self.refine_channels else None)
+        coarse = self.embed(stacked)
+        fine_term = None
+        if self.refine_channels:  # the first refinement conv reads [up (C), fine (R), up_logits (1)]
+            conv, c = self.refine[0][0], coarse.shape[1]
+            fine_term = F.conv2d(self.fine_embed(fine), conv.weight[:, c:c + self.refine_channels], padding=conv.padding)
+        return RecallFeatures(coarse, F.normalize(coarse, dim=1), fine_term)
 
     def encode(self, image: torch.Tensor) -> RecallFeatures:
         return self.embed_stages(self.backbone_stages(image))
@@ -179,16 +187,20 @@ class ExemplarRecall(nn.Module):
         size = coarse.shape[-2:]
         small = [F.adaptive_avg_pool2d(t.to(coarse.dtype), size) for t in (exemplar, object_prob, click_maps, prev)]
         exemplar_s, object_s = small[0], small[1]
-        unit = F.normalize(coarse, dim=1)
+        unit = features.unit
         guidance = torch.cat([masked_responses(unit, exemplar_s), masked_responses(unit, object_s)] + small, 1)
         x = self.head[:-1](self.fusion(torch.cat([coarse, guidance], 1)))
         logits = self.head[-1](x)
         if not self.refine_channels:
             return logits
-        fine_size = features.fine.shape[-2:]
+        fine_size = features.fine_term.shape[-2:]
         up = F.interpolate(x, size=fine_size, mode="bilinear", align_corners=False)
         up_logits = F.interpolate(logits, size=fine_size, mode="bilinear", align_corners=False)
-        return up_logits + self.refine(torch.cat([up, features.fine, up_logits], 1))
+        # refine(cat[up, fine, up_logits]) with the fine share precomputed (a conv is a sum over inputs)
+        (conv, bn, relu), c = self.refine[0], x.shape[1]
+        first = (F.conv2d(up, conv.weight[:, :c], padding=conv.padding) + features.fine_term
+                 + F.conv2d(up_logits, conv.weight[:, c + self.refine_channels:], padding=conv.padding))
+        return up_logits + self.refine[1:](relu(bn(first)))
 
 
 # --- proposals ---------------------------------------------------------------------------------
@@ -196,14 +208,33 @@ class ExemplarRecall(nn.Module):
 
 @dataclass
 class Proposal:
-    """One proposed object: mask bool (H, W) and score in [0, 1] (mean recall probability)."""
+    """One proposed object of an image of ``shape`` (H, W), kept as its box.
 
-    mask: np.ndarray
+    ``crop`` bool (y1 - y0, x1 - x0) is the mask inside ``box`` = (y0, y1, x0, x1); the object's
+    cost (memory, RLE, overlap tests) is its box, not the image. ``score`` in [0, 1] is the mean
+    recall probability.
+    """
+
+    crop: np.ndarray
+    box: Tuple[int, int, int, int]
+    shape: Tuple[int, int]
     score: float
 
     @property
+    def slices(self) -> Tuple[slice, slice]:
+        y0, y1, x0, x1 = self.box
+        return slice(y0, y1), slice(x0, x1)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The full-size bool (H, W) mask."""
+        full = np.zeros(self.shape, dtype=bool)
+        full[self.slices] = self.crop
+        return full
+
+    @property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return int(self.crop.sum())
 
 
 def propose_objects(
@@ -248,9 +279,8 @@ def propose_objects(
         score = float(recall_prob[box][component].mean())
         if score < min_score:
             continue
-        mask = np.zeros(recall_prob.shape, dtype=bool)
-        mask[box] = component
-        proposals.append(Proposal(mask, score))
+        rows, cols = box
+        proposals.append(Proposal(component, (rows.start, rows.stop, cols.start, cols.stop), recall_prob.shape, score))
     proposals.sort(key=lambda p: -p.score)
     return proposals[:max_proposals]
 

@@ -10,8 +10,8 @@ from PIL import Image
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.clicks import Click
 from model.evaluate_mois import evaluate_image, match_proposals, summarize
-from model.predictor import ClickSegPredictor
-from model.recall import ExemplarRecall, masked_responses, propose_objects, union_mask
+from model.predictor import ClickSegPredictor, _shrink_map, _upscale_proposal
+from model.recall import ExemplarRecall, Proposal, masked_responses, propose_objects, union_mask
 from model.registry import create_model
 from model.scenes import IGNORE_INSTANCE, Scene, SyntheticScenes, WgisdScenes, random_crop
 from model.train import Trainer, load_config
@@ -60,20 +60,38 @@ def test_masked_responses_empty_mask_gives_zeros():
 
 
 def test_recall_branch_with_refinement_outputs_stride_4():
-    branch = ExemplarRecall("lite0", channels=16, refine_channels=8)
-    feats = branch.encode(torch.rand(1, 3, 64, 96))
-    assert feats.fine.shape == (1, 8, 16, 24)
+    torch.manual_seed(0)
+    branch = ExemplarRecall("lite0", channels=16, refine_channels=8).eval()
+    for module in branch.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    stages = branch.backbone_stages(torch.rand(1, 3, 64, 96))
+    feats = branch.embed_stages(stages)
+    assert feats.fine_term.shape == (1, 8, 16, 24)
+    assert torch.allclose(feats.unit.norm(dim=1), torch.ones(1, 8, 12), atol=1e-5)
     masks = torch.zeros(1, 1, 64, 96)
     masks[:, :, 10:20, 10:20] = 1
-    logits = branch(feats, masks, masks, torch.zeros(1, 2, 64, 96), torch.zeros(1, 1, 64, 96))
+    clicks = torch.zeros(1, 2, 64, 96)
+    logits = branch(feats, masks, masks, clicks, torch.zeros(1, 1, 64, 96))
     assert logits.shape == (1, 1, 16, 24)
+    # the precomputed fine share equals the refinement run on the concatenated inputs
+    head_out = {}
+    branch.head[-2].register_forward_hook(lambda module, args, out: head_out.setdefault("x", out))
+    branch.refine_channels = 0  # the stride-8 part alone
+    coarse_logits = branch(feats, masks, masks, clicks, torch.zeros(1, 1, 64, 96))
+    branch.refine_channels = 8
+    up = F.interpolate(head_out["x"], size=(16, 24), mode="bilinear", align_corners=False)
+    up_logits = F.interpolate(coarse_logits, size=(16, 24), mode="bilinear", align_corners=False)
+    reference = up_logits + branch.refine(torch.cat([up, branch.fine_embed(stages[1]), up_logits], 1))
+    assert torch.allclose(logits, reference, atol=1e-5)
 
 
 def test_recall_branch_shapes_and_gradients():
     branch = ExemplarRecall("lite0", channels=16)
     image = torch.rand(2, 3, 64, 96)
     feats = branch.encode(image)
-    assert feats.coarse.shape == (2, 16, 8, 12) and feats.fine is None
+    assert feats.coarse.shape == (2, 16, 8, 12) and feats.fine_term is None
     masks = torch.zeros(2, 1, 64, 96)
     masks[:, :, 10:20, 10:20] = 1
     logits = branch(feats, masks, masks, torch.zeros(2, 2, 64, 96), torch.zeros(2, 1, 64, 96))
@@ -179,6 +197,47 @@ def test_predictor_propose_full_size_masks_never_cover_excluded():
     assert not (second.mask & (object_prob >= 0.49)).any() and second.area > 0
     for p in found:
         assert not (p.mask & exemplar).any()
+
+
+def _pil_box_shrink(mask: np.ndarray, size) -> np.ndarray:
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def test_shrink_map_of_a_bool_mask_resizes_only_its_box_like_the_whole_image():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((3000, 4000), bool)
+    mask[1000:1400, 1500:2100] = True
+    mask[2990:, :7] = True  # touches two borders
+    # a scale that floats represent exactly (4000/1024): the same numbers as resizing everything
+    assert np.array_equal(_shrink_map(mask, (768, 1024)), _pil_box_shrink(mask, (768, 1024)))
+    assert not _shrink_map(np.zeros((30, 40), bool), (7, 9)).any()
+    for _ in range(40):  # any scale: box windows may break ties between neighbours differently
+        height, width = (int(v) for v in rng.integers(20, 200, 2))
+        size = (int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1)))
+        mask = np.zeros((height, width), bool)
+        y, x = rng.integers(0, height), rng.integers(0, width)
+        mask[y:y + rng.integers(1, 60), x:x + rng.integers(1, 60)] = True
+        mask |= rng.random((height, width)) < 0.002
+        fast, reference = _shrink_map(mask, size), _pil_box_shrink(mask, size)
+        assert fast.shape == size and np.abs(fast - reference).mean() < 0.01
+        assert np.mean((fast > 0.5) != (reference > 0.5)) < 0.01
+
+
+def test_upscale_proposal_maps_the_box_to_full_size_without_excluded_pixels():
+    working = np.zeros((50, 100), bool)
+    working[10:20, 30:45] = True
+    proposal = Proposal(working[8:22, 28:47].copy(), (8, 22, 28, 47), (50, 100), 0.9)
+    assert np.array_equal(proposal.mask, working) and proposal.area == 150
+    exclude = np.zeros((200, 400), bool)
+    exclude[40:50, :] = True
+    full = _upscale_proposal(proposal, (200, 400), exclude)
+    reference = F.interpolate(torch.from_numpy(working.astype(np.float32))[None, None], size=(200, 400),
+                              mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+    assert full.shape == (200, 400) and full.score == 0.9
+    assert np.array_equal(full.mask, reference & ~exclude)
+    same = _upscale_proposal(proposal, (50, 100), np.zeros((50, 100), bool))
+    assert np.array_equal(same.mask, working)
 
 
 # --- checkpoints and training ------------------------------------------------------------------------

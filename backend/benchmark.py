@@ -1,0 +1,167 @@
+"""End-to-end latency of the click that triggers exemplar recall, as Label Studio sees it.
+
+Times ``POST /predict`` through the WSGI app (payload parsing, session, model, RLE, JSON) on
+the synthetic scene of ``model.benchmark`` (like blobs on a textured background), for the first
+click on blob 2 of a task:
+
+- without an accepted region of the label (the object's region alone);
+- with blob 1 accepted in the task's draft (the object's region + proposals for the others).
+
+The two settings use two tasks on the same image, so each keeps its own session as in use.
+
+The image and the session are warmed first, as after the annotator's earlier clicks (the
+server computes the recall features in the background when a task is opened); each timed
+click is a new object (a new place near blob 2's centre), so every one is a triggering click.
+
+    python -m backend.benchmark --sizes 640x480,1024x768,2048x1365,4000x3000 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from model.benchmark import RECALL_SCENE_OBJECTS, machine_info, parse_sizes, synthetic_scene
+
+from .rle import mask_to_rle
+
+IMAGE_URL = "/data/upload/1/benchmark.png"
+PROJECT = "1.1795419391"  # /predict's "id.timestamp"
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Object"/></BrushLabels>
+  <KeyPointLabels name="tag2" toName="image" smart="true"><Label value="Object" smart="true"/></KeyPointLabels>
+</View>"""
+
+
+class SceneFetcher:
+    """Serves the one synthetic image (no network)."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = image
+
+    def set_setup_access_token(self, token):
+        pass
+
+    def fetch(self, url, task_id=None, project_id=None):
+        return self.image
+
+
+def _keypoint(row: float, col: float, height: int, width: int, region_id: str) -> Dict[str, Any]:
+    return {
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"x": (col + 0.5) / width * 100, "y": (row + 0.5) / height * 100, "width": 0.5,
+                  "keypointlabels": ["Object"]},
+        "id": region_id, "from_name": "tag2", "to_name": "image", "type": "keypointlabels",
+        "origin": "manual", "is_positive": True,
+    }
+
+
+def _body(click: Dict[str, Any], accepted: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Task 1 has blob 1 accepted in a draft; task 2 (same image) has no region."""
+    task_id = 1 if accepted else 2
+    drafts = [{"id": 1, "user": "bench@example.com", "result": [accepted], "task": task_id}] if accepted else []
+    task = {"id": task_id, "project": 1, "data": {"image": IMAGE_URL}, "annotations": [], "drafts": drafts}
+    return {"tasks": [task], "project": PROJECT, "label_config": LABEL_CONFIG,
+            "params": {"context": {"result": [click]}}}
+
+
+@dataclass
+class EndToEndRow:
+    size: str
+    click_p50_ms: float  # triggering click, no accepted region of the label
+    recall_click_p50_ms: float  # the same click with blob 1 accepted: object + proposals
+    proposals: int  # regions returned besides the object's
+    samples: int
+
+    @property
+    def added_percent(self) -> float:
+        return 100 * (self.recall_click_p50_ms - self.click_p50_ms) / self.click_p50_ms
+
+
+def benchmark_size(size: Tuple[int, int], repeats: int, checkpoint: Optional[str] = None) -> EndToEndRow:
+    from .app import create_app
+    from .config import Settings
+    from .service import ClickSegModel
+
+    image, labels = synthetic_scene(*size, objects=RECALL_SCENE_OBJECTS)
+    height, width = labels.shape
+    ys, xs = np.nonzero(labels == 2)
+    row, col = float(np.median(ys)), float(np.median(xs))
+    accepted = {
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_rle(labels == 1), "brushlabels": ["Object"]},
+        "id": "accepted1", "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual",
+    }
+    with tempfile.TemporaryDirectory() as model_dir:
+        env = {"MODEL_DIR": model_dir, "LOG_LEVEL": "WARNING"}
+        if checkpoint:
+            env["CHECKPOINT"] = checkpoint
+        settings = Settings.from_env(env)
+        service = ClickSegModel(settings, fetcher=SceneFetcher(image))
+        client = create_app(settings, service).test_client()
+        counter = iter(range(10**6))
+
+        def post(with_exemplar: bool) -> Tuple[float, int]:
+            k = next(counter)  # a new object needs a new click place: a 9 x 9 grid of 2-pixel steps
+            click = _keypoint(row + 2 * (k % 9 - 4), col + 2 * (k // 9 % 9 - 4), height, width, f"kp{k}")
+            body = _body(click, accepted if with_exemplar else None)
+            started = time.perf_counter()
+            response = client.post("/predict", json=body)
+            elapsed = 1000 * (time.perf_counter() - started)
+            if response.status_code != 200:
+                raise RuntimeError(f"/predict answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
+            return elapsed, len(response.get_json()["results"][0]["result"]) - 1
+
+        post(True), post(False)  # open the sessions; the server warms the recall features in the background
+        deadline = time.monotonic() + 120
+        for task_id in (1, 2):
+            key = (PROJECT, task_id, IMAGE_URL, service.predictor.model_version)
+            while time.monotonic() < deadline and service.sessions.cache.get(key).image_state.recall_features is None:
+                time.sleep(0.05)
+        post(False), post(True)  # warm-up of both paths
+        plain, recall, found = [], [], []
+        for _ in range(repeats):
+            plain.append(post(False)[0])
+            ms, proposals = post(True)
+            recall.append(ms)
+            found.append(proposals)
+    return EndToEndRow(f"{size[0]}x{size[1]}", float(np.median(plain)), float(np.median(recall)),
+                       int(np.median(found)), repeats)
+
+
+def format_table(rows: Sequence[EndToEndRow]) -> str:
+    lines = ["size        /predict p50 (ms)  with recall p50 (ms)  added   proposals"]
+    for r in rows:
+        lines.append(f"{r.size:<11} {r.click_p50_ms:17.1f}  {r.recall_click_p50_ms:20.1f}  {r.added_percent:+5.0f}%  {r.proposals:9d}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m backend.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="checkpoint path (default: the server's default)")
+    p.add_argument("--sizes", default="640x480,1024x768,2048x1365,4000x3000", help="comma-separated WIDTHxHEIGHT")
+    p.add_argument("--repeats", type=int, default=5, help="timed clicks per size and setting")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        raise SystemExit("--repeats and --threads must be >= 1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine_info().items()))
+    rows: List[EndToEndRow] = []
+    for size in parse_sizes(args.sizes):
+        rows.append(benchmark_size(size, args.repeats, args.checkpoint))
+        print(f"  done {rows[-1].size}: {asdict(rows[-1])}", file=sys.stderr)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

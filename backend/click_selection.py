@@ -46,7 +46,7 @@ from model.clicks import Click
 from model.predictor import MASK_THRESHOLD
 
 from .payload import BrushRegion, Prompt
-from .proposals import ObjectProposals
+from .proposals import BoxMask, ObjectProposals
 from .rle import rle_to_mask
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,16 @@ class TrackedObject:
     clicks: List[Click]
     prob: np.ndarray  # float32 (H, W)
     crop: Optional[PixelBox] = None  # box prompts: the mask is zero outside this box
+    _mask: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
+    _mask_of: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def mask(self) -> np.ndarray:
-        return self.prob >= MASK_THRESHOLD
+        """Bool (H, W) ``prob >= MASK_THRESHOLD``, computed once per probability map (read only)."""
+        if self._mask_of is not self.prob:
+            self._mask, self._mask_of = self.prob >= MASK_THRESHOLD, self.prob
+            self._mask.flags.writeable = False
+        return self._mask
 
 
 @dataclass
@@ -81,7 +87,7 @@ class ClickHistory:
     keys: List[Tuple] = field(default_factory=list)  # prompt keys applied so far, in order
     starts: List[int] = field(default_factory=list)  # indices into ``keys`` where objects started
     current: Optional[TrackedObject] = None
-    region_masks: Dict["RegionKey", Optional[np.ndarray]] = field(default_factory=dict)  # see RegionMasks
+    region_masks: Dict["RegionKey", Optional[BoxMask]] = field(default_factory=dict)  # see RegionMasks
     proposals: Optional[ObjectProposals] = None  # the current object's recall proposals (backend.proposals)
 
 
@@ -163,24 +169,25 @@ RegionKey = Tuple[str, int, int, int]  # (region id, width, height, hash of the 
 
 
 class RegionMasks:
-    """Saved brush regions, decoded on first use into bit-packed masks kept in ``cache``.
+    """Saved brush regions, decoded on first use into ``BoxMask``s kept in ``cache``.
 
     ``cache`` (a ``ClickHistory.region_masks``) keeps decoded regions across requests, so a
     click does not decode every saved mask again; entries for regions that are no longer
     in the task are dropped by ``prune``. A corrupt RLE is logged and ignored.
     """
 
-    def __init__(self, regions: Sequence[BrushRegion], cache: Optional[Dict[RegionKey, Optional[np.ndarray]]] = None):
+    def __init__(self, regions: Sequence[BrushRegion], cache: Optional[Dict[RegionKey, Optional[BoxMask]]] = None):
         self.regions = list(regions)
         self.cache = {} if cache is None else cache
         self._keys = [(r.region_id, r.width, r.height, hash(r.rle)) for r in self.regions]
 
-    def packed(self, index: int) -> Optional[np.ndarray]:
+    def mask(self, index: int) -> Optional[BoxMask]:
+        """The decoded mask of region ``index``, or None when its RLE is corrupt."""
         key = self._keys[index]
         if key not in self.cache:
             region = self.regions[index]
             try:
-                self.cache[key] = np.packbits(rle_to_mask(list(region.rle), region.height, region.width), axis=None)
+                self.cache[key] = BoxMask.of(rle_to_mask(list(region.rle), region.height, region.width))
             except ValueError as exc:
                 log.warning("ignoring a saved brush region with a corrupt RLE",
                             extra={"region_id": region.region_id, "reason": str(exc)})
@@ -191,13 +198,11 @@ class RegionMasks:
         for i, region in enumerate(self.regions):
             if region.region_id in excluded_ids:
                 continue
-            packed = self.packed(i)
-            if packed is None:
+            mask = self.mask(i)
+            if mask is None:
                 continue
             x, y = anchor_point(prompt, region.height, region.width)
-            row, col = min(int(y), region.height - 1), min(int(x), region.width - 1)
-            index = row * region.width + col
-            if row >= 0 and col >= 0 and (packed[index >> 3] >> (7 - (index & 7))) & 1:
+            if mask.contains(min(int(y), region.height - 1), min(int(x), region.width - 1)):
                 return True
         return False
 

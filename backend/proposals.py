@@ -29,6 +29,58 @@ def unpack_mask(packed: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.unpackbits(packed, count=height * width).reshape(height, width).astype(bool)
 
 
+Box = Tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open pixel rows and columns
+
+
+@dataclass(frozen=True)
+class BoxMask:
+    """A bool mask of a (height, width) image kept as its box and the bit-packed pixels inside
+    it: keeping, testing and encoding it costs what the object costs, not the image."""
+
+    height: int
+    width: int
+    box: Box
+    packed: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> "BoxMask":
+        """From a whole (H, W) mask (its bounding box; an empty mask gets an empty box)."""
+        mask = np.asarray(mask, dtype=bool)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box = (0, 0, 0, 0) if rows.size == 0 else (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        return cls.from_crop(mask[box[0]:box[1], box[2]:box[3]], box, mask.shape)
+
+    @classmethod
+    def from_crop(cls, crop: np.ndarray, box: Sequence[int], shape: Sequence[int]) -> "BoxMask":
+        """From the mask inside ``box`` of an image of ``shape`` (H, W)."""
+        y0, y1, x0, x1 = (int(v) for v in box)
+        height, width = (int(v) for v in shape)
+        if not (0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width) or np.shape(crop) != (y1 - y0, x1 - x0):
+            raise ValueError(f"box {tuple(box)} with a mask of shape {np.shape(crop)} does not fit ({height}, {width})")
+        return cls(height, width, (y0, y1, x0, x1), pack_mask(crop))
+
+    @property
+    def slices(self) -> Tuple[slice, slice]:
+        y0, y1, x0, x1 = self.box
+        return slice(y0, y1), slice(x0, x1)
+
+    def crop(self) -> np.ndarray:
+        """The bool mask inside ``box``."""
+        y0, y1, x0, x1 = self.box
+        return unpack_mask(self.packed, y1 - y0, x1 - x0)
+
+    def contains(self, row: int, col: int) -> bool:
+        y0, y1, x0, x1 = self.box
+        if not (y0 <= row < y1 and x0 <= col < x1):
+            return False
+        index = (row - y0) * (x1 - x0) + (col - x0)
+        return bool((self.packed[index >> 3] >> (7 - (index & 7))) & 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+
 @dataclass
 class AcceptedRegions:
     """The task's accepted brush regions on one image, as seen by one request."""
@@ -44,12 +96,15 @@ class AcceptedRegions:
         self.exemplar = np.zeros((self.height, self.width), dtype=bool)
         self.covered = np.zeros((self.height, self.width), dtype=bool)
 
-    def add(self, region_id: str, mask: np.ndarray, is_exemplar: bool) -> None:
+    def add(self, region_id: str, mask: BoxMask, is_exemplar: bool) -> None:
+        if (mask.height, mask.width) != (self.height, self.width):
+            raise ValueError(f"region {region_id} is {mask.width}x{mask.height}, the image {self.width}x{self.height}")
         self.ids.add(region_id)
-        self.covered |= mask
+        crop, where = mask.crop(), mask.slices
+        self.covered[where] |= crop
         if is_exemplar:
             self.exemplar_ids.add(region_id)
-            self.exemplar |= mask
+            self.exemplar[where] |= crop
 
 
 @dataclass
@@ -63,50 +118,42 @@ class ObjectProposals:
     result_id: str  # the object's region id (proposal ids derive from it)
     start: int  # the object's first prompt (with result_id, identifies the object)
     exemplar_ids: FrozenSet[str]  # the accepted regions they were computed from
-    height: int
-    width: int
-    boxes: List[Tuple[int, int, int, int]]  # best first
-    crops: List[np.ndarray]  # pack_mask of each box's mask
+    masks: List[BoxMask]  # best first
     scores: List[float]
 
     @classmethod
-    def of(cls, result_id: str, start: int, exemplar_ids: Set[str], proposals: Sequence,
-           height: int, width: int) -> "ObjectProposals":
-        """From ``model.recall.Proposal``s (``.crop`` bool inside ``.box``, ``.score``)."""
-        return cls(result_id, start, frozenset(exemplar_ids), height, width,
-                   [tuple(int(v) for v in p.box) for p in proposals], [pack_mask(p.crop) for p in proposals],
-                   [float(p.score) for p in proposals])
+    def of(cls, result_id: str, start: int, exemplar_ids: Set[str], proposals: Sequence) -> "ObjectProposals":
+        """From ``model.recall.Proposal``s (``.crop`` bool inside ``.box`` of ``.shape``, ``.score``)."""
+        return cls(result_id, start, frozenset(exemplar_ids),
+                   [BoxMask.from_crop(p.crop, p.box, p.shape) for p in proposals], [float(p.score) for p in proposals])
 
     def belongs_to(self, result_id: str, start: int) -> bool:
         return (self.result_id, self.start) == (result_id, start)
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.crops)
+        return sum(m.nbytes for m in self.masks)
 
     def visible(self, accepted: AcceptedRegions, object_mask: np.ndarray,
-                min_area: int) -> List[Tuple[str, np.ndarray, float]]:
-        """``(region id, full-size mask, score)`` of the proposals to return now.
+                min_area: int) -> List[Tuple[str, np.ndarray, Box, float]]:
+        """``(region id, mask inside the box, box (y0, y1, x0, x1), score)`` of the proposals to return now.
 
         A proposal whose id was accepted, or that accepted regions and the object's mask now
         cover by more than ``MAX_COVERED_FRACTION``, is dropped; the others lose the covered
         pixels (and are dropped below ``min_area``).
         """
         visible = []
-        for index, (box, packed, score) in enumerate(zip(self.boxes, self.crops, self.scores)):
+        for index, (mask, score) in enumerate(zip(self.masks, self.scores)):
             region_id = proposal_id(self.result_id, index)
             if region_id in accepted.ids:
                 continue
-            y0, y1, x0, x1 = box
-            crop = unpack_mask(packed, y1 - y0, x1 - x0)
+            crop, where = mask.crop(), mask.slices
             area = int(crop.sum())
-            hidden = crop & (accepted.covered[y0:y1, x0:x1] | object_mask[y0:y1, x0:x1])
+            hidden = crop & (accepted.covered[where] | object_mask[where])
             if area == 0 or int(hidden.sum()) > MAX_COVERED_FRACTION * area:
                 continue
             crop &= ~hidden
             if int(crop.sum()) < min_area:
                 continue
-            mask = np.zeros((self.height, self.width), dtype=bool)
-            mask[y0:y1, x0:x1] = crop
-            visible.append((region_id, mask, score))
+            visible.append((region_id, crop, mask.box, score))
         return visible

@@ -110,27 +110,64 @@ def encode_rle(values: np.ndarray) -> list[int]:
     return _encode_runs(lengths, run_values, values.size)
 
 
-def mask_to_rle(mask: np.ndarray) -> list[int]:
+def _box_runs(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel runs (lengths, values 0/1) of a (height, width) frame that is zero outside bool
+    ``crop`` placed at (y0, x0), computed from the crop alone."""
+    h, w = crop.shape
+    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded[:, 1:-1] = crop
+    step = np.diff(padded, axis=1)  # +1 where a run of ones starts, -1 just past its end
+    row_offsets = ((y0 + np.arange(h, dtype=np.int64)) * width + x0)[:, None]
+    starts = (row_offsets + np.arange(w + 1, dtype=np.int64))[step == 1]
+    ends = (row_offsets + np.arange(w + 1, dtype=np.int64))[step == -1]
+    if starts.size == 0:
+        return np.array([height * width], dtype=np.int64), np.zeros(1, dtype=np.uint8)
+    joined = starts[1:] == ends[:-1]  # a full-width box: a row's run goes on in the next row
+    starts = np.concatenate([starts[:1], starts[1:][~joined]])
+    ends = np.concatenate([ends[:-1][~joined], ends[-1:]])
+    # zero run before each run of ones (none before a run starting at 0), then the trailing zeros
+    bounds = np.empty(2 * starts.size + 2, dtype=np.int64)
+    bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, ends, height * width
+    lengths = np.diff(bounds)
+    values = np.zeros(lengths.size, dtype=np.uint8)
+    values[1::2] = 1
+    keep = lengths > 0
+    return lengths[keep], values[keep]
+
+
+def mask_to_rle(mask: np.ndarray, *, box: tuple[int, int, int, int] | None = None,
+                shape: tuple[int, int] | None = None) -> list[int]:
     """Label Studio brush RLE of a binary mask.
 
-    mask: (H, W) bool or integer array; non-zero pixels are foreground.
+    mask: (H, W) bool or integer array; non-zero pixels are foreground. With ``box`` =
+    (y0, y1, x0, x1) and ``shape`` = (H, W), ``mask`` is only the part inside the box of an
+    (H, W) mask that is zero elsewhere (the encoding then costs the box, not the image).
     Returns the byte list that `label_studio_sdk.converter.brush.mask2rle(mask01 * 255)` gives:
     every pixel becomes 4 RGBA bytes, 255 for foreground and 0 for background.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    if mask.size == 0:
-        raise ValueError(f"mask must have at least one pixel, got shape {mask.shape}")
     if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
         raise ValueError(f"mask must be bool or integer (threshold probabilities first), got {mask.dtype}")
-    if mask.size * CHANNELS >= 2**32:
-        raise ValueError(f"mask of {mask.size} pixels is too large for the 32-bit RLE length")
-    flat = np.ascontiguousarray(mask).reshape(-1)
-    flat = flat.view(np.uint8) if flat.dtype == np.bool_ else flat != 0
+    if (box is None) != (shape is None):
+        raise ValueError("box and shape go together: the box's mask and the whole mask's (H, W)")
+    height, width = mask.shape if shape is None else (int(shape[0]), int(shape[1]))
+    if height * width == 0:
+        raise ValueError(f"mask must have at least one pixel, got shape {(height, width)}")
+    if height * width * CHANNELS >= 2**32:
+        raise ValueError(f"mask of {height * width} pixels is too large for the 32-bit RLE length")
+    if box is None:
+        flat = np.ascontiguousarray(mask).reshape(-1)
+        flat = flat.view(np.uint8) if flat.dtype == np.bool_ else flat != 0
+        lengths, run_values = _runs(flat)
+    else:
+        y0, y1, x0, x1 = (int(v) for v in box)
+        if not (0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width) or mask.shape != (y1 - y0, x1 - x0):
+            raise ValueError(f"box {box} with a mask of shape {mask.shape} does not fit a ({height}, {width}) mask")
+        lengths, run_values = _box_runs(mask != 0, y0, x0, height, width)
     # Runs of the pixels are the runs of the RGBA bytes divided by 4: no need to expand 4x.
-    lengths, run_values = _runs(flat)
-    return _encode_runs(lengths * CHANNELS, run_values.astype(bool) * MASK_VALUE, mask.size * CHANNELS)
+    return _encode_runs(lengths * CHANNELS, run_values.astype(bool) * MASK_VALUE, height * width * CHANNELS)
 
 
 def decode_rle(rle: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -52,7 +52,7 @@ from .payload import (
     task_id,
     task_image_url,
 )
-from .proposals import AcceptedRegions, ObjectProposals, unpack_mask
+from .proposals import AcceptedRegions, Box, BoxMask, ObjectProposals
 from .rle import mask_to_rle
 from .sessions import SessionKey, SessionStore, TaskSession
 from .training_jobs import JobManager, ProjectModels
@@ -337,7 +337,10 @@ class ClickSegModel:
         if recall_on and state.recall_features is None:
             self._warm_recall(predictor, key, session)
 
-        def brush(region_id: str, region_mask: np.ndarray, region_score: float) -> Dict[str, Any]:
+        def brush(region_id: str, region_mask: np.ndarray, region_score: float,
+                  box: Optional[Box] = None) -> Dict[str, Any]:
+            """A brush region of ``region_mask`` (the whole image's, or the part inside ``box``)."""
+            rle = mask_to_rle(region_mask, box=box, shape=None if box is None else (height, width))
             return {
                 "id": region_id,
                 "from_name": brush_control,
@@ -346,11 +349,12 @@ class ClickSegModel:
                 "original_width": width,
                 "original_height": height,
                 "image_rotation": 0,
-                "value": {"format": "rle", "rle": mask_to_rle(region_mask), "brushlabels": [brush_label]},
+                "value": {"format": "rle", "rle": rle, "brushlabels": [brush_label]},
                 "score": region_score,
             }
 
-        result = [brush(obj.result_id, mask, score)] + [brush(*proposal) for proposal in proposals]
+        result = [brush(obj.result_id, mask, score)] + [brush(region_id, crop, proposal_score, box)
+                                                         for region_id, crop, box, proposal_score in proposals]
         log.info("interactive prediction", extra={
             "task": tid, "prompts": len(prompts), "object_clicks": len(obj.clicks), "object_start": obj.start,
             "model_calls": tracker.predictions, "mask_pixels": int(mask.sum()),
@@ -363,8 +367,8 @@ class ClickSegModel:
 
     def _proposals(self, predictor: ClickSegPredictor, state: ImageState, history: ClickHistory,
                    obj: TrackedObject, decoded: RegionMasks, task: Mapping[str, Any], project: str, tid: int,
-                   image: str, label: str) -> List[Tuple[str, np.ndarray, float]]:
-        """``(region id, mask, score)`` of the current object's proposals (call under the session lock).
+                   image: str, label: str) -> List[Tuple[str, np.ndarray, Box, float]]:
+        """``(region id, mask in box, box, score)`` of the current object's proposals (call under the session lock).
 
         Computed on the object's first click when the task has accepted regions of ``label``,
         then kept in ``history`` and returned again while the object is refined.
@@ -387,8 +391,7 @@ class ClickSegModel:
                                           exclude=accepted.covered | obj.mask, min_score=settings.recall_min_score,
                                           min_area=settings.recall_min_area,
                                           max_proposals=settings.recall_max_proposals)
-            cached = history.proposals = ObjectProposals.of(obj.result_id, obj.start, accepted.exemplar_ids, found,
-                                                            state.height, state.width)
+            cached = history.proposals = ObjectProposals.of(obj.result_id, obj.start, accepted.exemplar_ids, found)
         return cached.visible(accepted, obj.mask, self.settings.recall_min_area)
 
     def _accepted_regions(self, decoded: RegionMasks, task: Mapping[str, Any], project: str, tid: int, image: str,
@@ -400,9 +403,9 @@ class ClickSegModel:
         """
         accepted = AcceptedRegions(height, width)
         for index, region in enumerate(decoded.regions):
-            packed = decoded.packed(index) if self._fits(region, current_id, height, width) else None
-            if packed is not None:
-                accepted.add(region.region_id, unpack_mask(packed, height, width), label in region.labels)
+            mask = decoded.mask(index) if self._fits(region, current_id, height, width) else None
+            if mask is not None:
+                accepted.add(region.region_id, mask, label in region.labels)
         store = self.exemplars
         key = normalized_project(project or task.get("project"))
         if store is None or key is None:
@@ -423,7 +426,7 @@ class ClickSegModel:
                 log.warning("ignoring a stored region with a corrupt RLE",
                             extra={"task": tid, "region_id": exemplar.region_id, "reason": str(exc)})
                 continue
-            accepted.add(exemplar.region_id, mask, label in exemplar.labels)
+            accepted.add(exemplar.region_id, BoxMask.of(mask), label in exemplar.labels)
         return accepted
 
     @staticmethod

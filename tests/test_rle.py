@@ -198,6 +198,36 @@ def test_decode_rejects_corrupt_rle():
         decode_rle(write_stream([(True, 0, [1, 1])], (3, 4, 8, 16), word_size=16))
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(MASK_KINDS),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    box_fractions=st.tuples(*[st.floats(0, 1)] * 4),
+    full_width=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_mask_to_rle_of_a_box_equals_the_whole_masks_rle(kind, height, width, box_fractions, full_width, seed):
+    """A mask given as its box is encoded exactly like the whole mask (and like the SDK)."""
+    a, b, c, d = box_fractions
+    y0, y1 = sorted((round(a * height), round(b * height)))
+    x0, x1 = (0, width) if full_width else sorted((round(c * width), round(d * width)))
+    crop = make_mask(kind, max(y1 - y0, 1), max(x1 - x0, 1), seed)[: y1 - y0, : x1 - x0]
+    whole = np.zeros((height, width), dtype=bool)
+    whole[y0:y1, x0:x1] = crop
+    rle = mask_to_rle(crop, box=(y0, y1, x0, x1), shape=(height, width))
+    assert rle == mask_to_rle(whole) == sdk_rle(whole)
+
+
+def test_mask_to_rle_rejects_a_box_that_does_not_fit():
+    with pytest.raises(ValueError, match="go together"):
+        mask_to_rle(np.ones((2, 2), bool), box=(0, 2, 0, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        mask_to_rle(np.ones((2, 2), bool), box=(0, 2, 0, 3), shape=(4, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        mask_to_rle(np.ones((2, 2), bool), box=(3, 5, 0, 2), shape=(4, 4))
+
+
 def test_mask_to_rle_rejects_bad_masks():
     with pytest.raises(ValueError, match="2-D"):
         mask_to_rle(np.zeros((2, 2, 3), dtype=bool))

@@ -200,7 +200,12 @@ def test_region_cache_forgets_regions_the_task_no_longer_has():
     first = click_selection.RegionMasks(regions, cache)
     assert first.contains(prompt(A1), set()) and not first.contains(prompt(B1), set())
     assert first.contains(prompt(C1), set()) and not first.contains(prompt(C1), {"C"})
-    assert len(cache) == 2 and all(m.nbytes == 120 * 160 // 8 for m in cache.values())  # bit-packed
+    for name, mask in cache.items():  # bit-packed inside the region's bounding box
+        rows, cols = np.nonzero(MASKS[name[0]])
+        assert mask.box == (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
+        assert mask.nbytes == -(-((mask.box[1] - mask.box[0]) * (mask.box[3] - mask.box[2])) // 8)
+        assert np.array_equal(mask.crop(), MASKS[name[0]][mask.slices])
+    assert len(cache) == 2
     second = click_selection.RegionMasks(regions[:1], cache)
     second.prune()
     assert [key[0] for key in cache] == ["A"]

@@ -52,6 +52,7 @@ from .payload import (
     task_id,
     task_image_url,
 )
+from .model_thread import ModelThread
 from .proposals import AcceptedRegions, Box, BoxMask, ObjectProposals
 from .rle import mask_to_rle
 from .sessions import SessionKey, SessionStore, TaskSession
@@ -103,7 +104,7 @@ class ClickSegModel:
         self._predictor_factory = predictor_factory or self._load_checkpoint
         self._predictor: Optional[ClickSegPredictor] = None
         self._load_lock = threading.Lock()
-        self._model_lock = threading.Lock()  # one model call at a time per process
+        self._model_thread = ModelThread()  # every model call of the process, one at a time
         self.fetcher = fetcher or ImageFetcher(settings.image_access)
         self.sessions = SessionStore(settings.session_cache_bytes)
         self._label_configs: Dict[str, str] = {}  # project -> label config from /setup
@@ -134,7 +135,7 @@ class ClickSegModel:
                 if self._predictor is None:
                     started = time.perf_counter()
                     try:
-                        self._predictor = self._predictor_factory()
+                        self._predictor = self._model_thread.run(self._predictor_factory)
                     except (OSError, ValueError, RuntimeError) as exc:
                         log.error("model failed to load", extra={"checkpoint": str(self.settings.checkpoint), "reason": str(exc)})
                         raise BackendError(
@@ -153,8 +154,8 @@ class ClickSegModel:
         return self.predictor.model_version
 
     def _load_project_checkpoint(self, path) -> ClickSegPredictor:
-        return ClickSegPredictor.from_checkpoint(path, device=resolve_device(self.settings.device),
-                                                 cfr_steps=self.settings.cfr_steps)
+        return self._model_thread.run(ClickSegPredictor.from_checkpoint, path, device=resolve_device(self.settings.device),
+                                      cfr_steps=self.settings.cfr_steps)
 
     def predictor_for(self, project: Any) -> ClickSegPredictor:
         """The project's promoted fine-tuned predictor, or the default one."""
@@ -386,11 +387,10 @@ class ClickSegModel:
             if not accepted.exemplar_ids:
                 return []
             settings = self.settings
-            with self._model_lock:
-                found = predictor.propose(state, accepted.exemplar, obj.clicks, obj.prob,
-                                          exclude=accepted.covered | obj.mask, min_score=settings.recall_min_score,
-                                          min_area=settings.recall_min_area,
-                                          max_proposals=settings.recall_max_proposals)
+            found = self._model_thread.run(
+                predictor.propose, state, accepted.exemplar, obj.clicks, obj.prob,
+                exclude=accepted.covered | obj.mask, min_score=settings.recall_min_score,
+                min_area=settings.recall_min_area, max_proposals=settings.recall_max_proposals)
             cached = history.proposals = ObjectProposals.of(obj.result_id, obj.start, accepted.exemplar_ids, found)
         return cached.visible(accepted, obj.mask, self.settings.recall_min_area)
 
@@ -451,10 +451,9 @@ class ClickSegModel:
         try:
             if key not in self.sessions.cache:
                 return  # evicted meanwhile
-            with self._model_lock:
-                if session.image_state.recall_features is not None:
-                    return
-                predictor.encode_recall(session.image_state)
+            if session.image_state.recall_features is not None:
+                return
+            self._model_thread.run(predictor.encode_recall, session.image_state)  # a no-op once computed
             with session.lock:
                 self.sessions.remeasure(key)
             log.debug("recall features computed in the background", extra={
@@ -478,16 +477,14 @@ class ClickSegModel:
     def _open_session(self, predictor: ClickSegPredictor, url: str, tid: int, project_id: Optional[int]) -> TaskSession:
         started = time.perf_counter()
         image = self.fetcher.fetch(url, task_id=tid, project_id=project_id)
-        with self._model_lock:
-            state = predictor.encode_image(image)
+        state = self._model_thread.run(predictor.encode_image, image)
         log.info("image fetched and encoded", extra={"task": tid, "width": state.width, "height": state.height,
                                           "ms": round((time.perf_counter() - started) * 1000, 1)})
         return TaskSession(image_state=state)
 
     def _run_model(self, predictor: ClickSegPredictor, state: ImageState, clicks: List[Click],
                    prev: Optional[np.ndarray]) -> np.ndarray:
-        with self._model_lock:
-            try:
-                return predictor.predict(state, clicks, prev_mask=prev)
-            except ValueError as exc:
-                raise bad_request(f"the model rejected the clicks: {exc}") from None
+        try:
+            return self._model_thread.run(predictor.predict, state, clicks, prev_mask=prev)
+        except ValueError as exc:
+            raise bad_request(f"the model rejected the clicks: {exc}") from None

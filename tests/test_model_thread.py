@@ -1,0 +1,40 @@
+"""Every model call of a process runs on one thread (one OpenMP team for torch)."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from backend.model_thread import ModelThread
+
+
+def test_calls_from_many_threads_run_on_one_thread_and_raise_their_errors():
+    model_thread = ModelThread()
+    with ThreadPoolExecutor(4) as callers:
+        names = set(callers.map(lambda _: model_thread.run(lambda: threading.current_thread().name), range(16)))
+    assert len(names) == 1 and names.pop().startswith("model_")
+    with pytest.raises(ValueError, match="bad clicks"):
+        model_thread.run(lambda: (_ for _ in ()).throw(ValueError("bad clicks")))
+    # a model call that makes another runs it in place instead of waiting for itself
+    assert model_thread.run(lambda: model_thread.run(lambda: 7)) == 7
+
+
+def test_the_service_runs_predict_and_recall_on_the_model_thread(tmp_path):
+    from test_service_recall import ACCEPTED, B1, Backend, ScenePredictor, tiny_net
+
+    seen = []
+
+    class Recording(ScenePredictor):
+        def predict(self, state, clicks, prev_mask=None):
+            seen.append(("predict", threading.current_thread().name))
+            return super().predict(state, clicks, prev_mask)
+
+        def propose(self, *args, **kwargs):
+            seen.append(("propose", threading.current_thread().name))
+            return super().propose(*args, **kwargs)
+
+    backend = Backend(tmp_path, Recording(tiny_net(recall=True)))
+    regions = backend.click([B1], ACCEPTED)
+    assert len(regions) > 1 and {kind for kind, _ in seen} == {"predict", "propose"}
+    assert len({name for _, name in seen}) == 1 and seen[0][1].startswith("model_")

@@ -10,6 +10,10 @@ Per image with at least two instances (order: seeded shuffle):
 Objects 1 and 2 cost their NoC. "Without recall" is the sum of every object's NoC.
 
     python -m model.evaluate_mois --dataset ../shared/data/wgisd-dev --out-dir artifacts/mois
+
+``--oracle`` needs no model: it bounds what proposals made as connected components of a recall
+map can reach at all, with a perfect map of all instances (touching instances merge), and what
+the recall output grid (stride 4 at ``--recall-input-size``) costs a perfect mask.
 """
 from __future__ import annotations
 
@@ -173,6 +177,51 @@ def format_table(summary: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def oracle_bounds(labels: np.ndarray, recall_input_size: int = 768,
+                  thresholds: Sequence[float] = THRESHOLDS) -> Dict[str, float]:
+    """Upper bounds for one instance map (H, W) (0 = background), no model involved.
+
+    ``components@t``: instances that the connected component of a perfect union mask matching
+    them best covers at IoU >= t; ``grid@t``: instances whose mask, box-filtered to the recall
+    output grid and bilinearly upscaled back (threshold 0.5), keeps IoU >= t. Counts, and
+    ``instances``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from scipy import ndimage
+
+    from .predictor import _shrink_map
+
+    height, width = labels.shape
+    scale = recall_input_size / max(height, width)
+    grid = (max(1, round(height * scale / 4)), max(1, round(width * scale / 4)))
+    components, _ = ndimage.label(labels > 0)
+    counts = {"instances": 0.0, **{f"components@{t:.2f}": 0.0 for t in thresholds},
+              **{f"grid@{t:.2f}": 0.0 for t in thresholds}}
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        gt = labels == value
+        counts["instances"] += 1
+        best = components == np.bincount(components[gt]).argmax()
+        small = torch.from_numpy(_shrink_map(gt, grid))[None, None]
+        regrown = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+        for t in thresholds:
+            counts[f"components@{t:.2f}"] += iou(best, gt) >= t
+            counts[f"grid@{t:.2f}"] += iou(regrown, gt) >= t
+    return counts
+
+
+def format_oracle_table(totals: Dict[str, float], images: int, recall_input_size: int) -> str:
+    n = max(totals["instances"], 1)
+    lines = [f"{images} images, {int(totals['instances'])} instances; share of instances a proposal could match:", "",
+             "| IoU | perfect map, connected components | perfect mask on the recall grid "
+             f"({recall_input_size} px, stride 4) |", "|---|---|---|"]
+    for t in THRESHOLDS:
+        lines.append(f"| {t:.2f} | {totals[f'components@{t:.2f}'] / n:.0%} | {totals[f'grid@{t:.2f}'] / n:.0%} |")
+    return "\n".join(lines)
+
+
 def wgisd_images(root: Path, stems: Optional[Sequence[str]]) -> List[Tuple[Path, Path]]:
     image_dir = root / "images"
     if not image_dir.is_dir():
@@ -198,8 +247,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="object order per image")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--out-dir", default="artifacts/mois")
+    parser.add_argument("--oracle", action="store_true", help="model-free upper bounds instead (see above)")
+    parser.add_argument("--recall-input-size", type=int, default=768, help="recall grid of --oracle (long side, px)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.oracle:
+        try:
+            pairs = wgisd_images(Path(args.dataset), args.images)
+        except ValueError as exc:
+            parser.error(str(exc))
+        totals: Dict[str, float] = {}
+        for _, label_path in pairs:
+            for key, value in oracle_bounds(read_label_map(label_path), args.recall_input_size).items():
+                totals[key] = totals.get(key, 0.0) + value
+        text = format_oracle_table(totals, len(pairs), args.recall_input_size)
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "oracle.json").write_text(json.dumps({"settings": dict(vars(args)), "totals": totals}, indent=1))
+        print(text)
+        return 0
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.clicks import Click
-from model.evaluate_mois import evaluate_image, match_proposals, summarize
+from model.evaluate_mois import evaluate_image, main as mois_main, match_proposals, oracle_bounds, summarize
 from model.predictor import ClickSegPredictor, _shrink_map, _upscale_proposal
 from model.recall import ExemplarRecall, Proposal, masked_responses, propose_objects, union_mask
 from model.registry import create_model
@@ -421,6 +421,25 @@ def test_mois_command_writes_tables(tmp_path, capsys):
         main(["--checkpoint", str(no_recall), "--dataset", str(tmp_path / "wgisd")])
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint), "--dataset", str(tmp_path / "wgisd"), "--images", "missing"])
+
+
+def test_oracle_bounds_count_merged_neighbours_and_the_recall_grid(tmp_path, capsys):
+    labels = np.zeros((200, 300), np.uint8)
+    labels[20:100, 20:100] = 1
+    labels[20:100, 100:180] = 2  # touches 1: their perfect component covers both
+    labels[120:190, 200:290] = 3
+    labels[5:7, 290:292] = 4  # 4 pixels: lost on a coarse grid
+    bounds = oracle_bounds(labels, recall_input_size=300)
+    assert bounds["instances"] == 4
+    assert bounds["components@0.85"] == 2 and bounds["components@0.90"] == 2  # 3 and 4
+    assert bounds["grid@0.85"] == 3  # all but the 2x2 speck
+    (tmp_path / "wgisd" / "images").mkdir(parents=True)
+    (tmp_path / "wgisd" / "instances").mkdir()
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(tmp_path / "wgisd" / "images" / "a.jpg")
+    Image.fromarray(labels).save(tmp_path / "wgisd" / "instances" / "a.png")
+    assert mois_main(["--oracle", "--dataset", str(tmp_path / "wgisd"), "--recall-input-size", "300",
+                      "--out-dir", str(tmp_path / "out")]) == 0
+    assert "| 0.85 | 50% | 75% |" in capsys.readouterr().out and (tmp_path / "out" / "oracle.json").is_file()
 
 
 def test_benchmark_recall_row():

@@ -114,12 +114,13 @@ def _box_runs(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> tu
     """Pixel runs (lengths, values 0/1) of a (height, width) frame that is zero outside bool
     ``crop`` placed at (y0, x0), computed from the crop alone."""
     h, w = crop.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded = np.zeros((h, w + 2), dtype=np.uint8)  # a zero on each side: every row starts and ends at 0
     padded[:, 1:-1] = crop
-    step = np.diff(padded, axis=1)  # +1 where a run of ones starts, -1 just past its end
-    row_offsets = ((y0 + np.arange(h, dtype=np.int64)) * width + x0)[:, None]
-    starts = (row_offsets + np.arange(w + 1, dtype=np.int64))[step == 1]
-    ends = (row_offsets + np.arange(w + 1, dtype=np.int64))[step == -1]
+    flat = padded.reshape(-1)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # first index after each change: 0->1, 1->0, ...
+    rows, cols = np.divmod(change, w + 2)
+    positions = (y0 + rows) * width + x0 + cols - 1
+    starts, ends = positions[0::2], positions[1::2]
     if starts.size == 0:
         return np.array([height * width], dtype=np.int64), np.zeros(1, dtype=np.uint8)
     joined = starts[1:] == ends[:-1]  # a full-width box: a row's run goes on in the next row

@@ -389,7 +389,7 @@ class ClickSegModel:
             settings = self.settings
             found = self._model_thread.run(
                 predictor.propose, state, accepted.exemplar, obj.clicks, obj.prob,
-                exclude=accepted.covered | obj.mask, min_score=settings.recall_min_score,
+                exclude=accepted.covered, min_score=settings.recall_min_score,
                 min_area=settings.recall_min_area, max_proposals=settings.recall_max_proposals)
             cached = history.proposals = ObjectProposals.of(obj.result_id, obj.start, accepted.exemplar_ids, found)
         return cached.visible(accepted, obj.mask, self.settings.recall_min_area)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from .checkpoint import load_checkpoint
 from .clicks import Click, encode_click_maps, validate_clicks
@@ -126,23 +127,38 @@ def _shrink_map(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _upscale_proposal(proposal: Proposal, size: Tuple[int, int], exclude: np.ndarray) -> Proposal:
-    """A working-size proposal -> the same object at full ``size`` (bilinear at 0.5, computed in
-    its box only), without the pixels of bool ``exclude`` (``size``)."""
-    if proposal.shape == tuple(size):
-        return Proposal(proposal.crop & ~exclude[proposal.slices], proposal.box, proposal.shape, proposal.score)
+OUTSIDE_LOGIT = -30.0  # logit given to the grid pixels beyond a proposal's one-pixel ring
+
+
+def _upscale_proposal(proposal: Proposal, logits: np.ndarray, size: Tuple[int, int], exclude: np.ndarray,
+                      object_prob: Optional[np.ndarray] = None) -> Proposal:
+    """A proposal found on the grid of the logit map ``logits`` (h, w) -> the same object at full
+    ``size``: the logits of the component and of one pixel around it, bilinearly upscaled and
+    cut at 0 (probability 0.5), computed in its box only, without the pixels of bool ``exclude``
+    (``size``) or of the object ``object_prob >= 0.49`` (``size``)."""
+
+    def blocked(rows: slice, cols: slice) -> np.ndarray:
+        out = exclude[rows, cols]
+        return out if object_prob is None else out | (object_prob[rows, cols] >= MASK_THRESHOLD)
+
     h, w = proposal.shape
+    if logits.shape != (h, w):
+        raise ValueError(f"logits have shape {logits.shape}, the proposal's grid is {(h, w)}")
+    if proposal.shape == tuple(size):
+        return Proposal(proposal.crop & ~blocked(*proposal.slices), proposal.box, proposal.shape, proposal.score)
     sy, sx = size[0] / h, size[1] / w
     y0, y1, x0, x1 = proposal.box
     py0, py1, px0, px1 = max(0, y0 - 1), min(h, y1 + 1), max(0, x0 - 1), min(w, x1 + 1)  # a pixel of context
-    padded = np.zeros((py1 - py0, px1 - px0), dtype=np.float32)
-    padded[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = proposal.crop
+    around = np.zeros((py1 - py0, px1 - px0), dtype=bool)
+    around[y0 - py0:y1 - py0, x0 - px0:x1 - px0] = proposal.crop
+    around = ndimage.binary_dilation(around, structure=np.ones((3, 3), bool))  # its fall-off, not its neighbours
+    padded = np.where(around, logits[py0:py1, px0:px1], OUTSIDE_LOGIT).astype(np.float32)
     # map the crop exactly: align pixel grids by resizing the crop to its full-size extent
     up = F.interpolate(torch.from_numpy(padded)[None, None], size=(round((py1 - py0) * sy), round((px1 - px0) * sx)),
-                       mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+                       mode="bilinear", align_corners=False)[0, 0].numpy() >= 0
     Y0, X0 = int(np.floor(py0 * sy)), int(np.floor(px0 * sx))
     Y1, X1 = min(size[0], Y0 + up.shape[0], math.ceil(py1 * sy)), min(size[1], X0 + up.shape[1], math.ceil(px1 * sx))
-    crop = up[:Y1 - Y0, :X1 - X0] & ~exclude[Y0:Y1, X0:X1]
+    crop = up[:Y1 - Y0, :X1 - X0] & ~blocked(slice(Y0, Y1), slice(X0, X1))
     return Proposal(crop, (Y0, Y1, X0, X1), tuple(size), proposal.score)
 
 
@@ -254,8 +270,14 @@ class ClickSegPredictor:
         exemplar_mask bool (H, W): union of the accepted objects of the label; clicks and
         object_prob (H, W): the current object's clicks and probability map (full-size pixels).
         """
+        logits = self.recall_logits(state, exemplar_mask, clicks, object_prob)
+        return torch.sigmoid(_resize(logits, state.working_size))[0, 0].cpu().numpy()
+
+    def recall_logits(self, state: ImageState, exemplar_mask: np.ndarray, clicks: Sequence[Click],
+                      object_prob: np.ndarray) -> torch.Tensor:
+        """``recall``'s logits (1, 1, h', w') float32 on the recall branch's output grid."""
         self._check_recall_inputs(state, exemplar_mask, clicks, object_prob)
-        return self._recall_working(state, _shrink_map(exemplar_mask, state.working_size), clicks, object_prob)
+        return self._recall_logits(state, _shrink_map(exemplar_mask, state.working_size), clicks, object_prob)
 
     def _check_recall_inputs(self, state: ImageState, exemplar_mask, clicks, object_prob) -> None:
         validate_clicks(list(clicks), state.height, state.width)
@@ -267,8 +289,9 @@ class ClickSegPredictor:
             raise ValueError("exemplar_mask is empty: recall needs at least one accepted object")
 
     @torch.inference_mode()
-    def _recall_working(self, state: ImageState, exemplar_working: np.ndarray, clicks: Sequence[Click],
-                        object_prob: np.ndarray) -> np.ndarray:
+    def _recall_logits(self, state: ImageState, exemplar_working: np.ndarray, clicks: Sequence[Click],
+                       object_prob: np.ndarray) -> torch.Tensor:
+        """Recall logits (1, 1, h', w') float32 on the recall branch's output grid."""
         features = self.encode_recall(state)
         input_h, input_w = (side * RECALL_STRIDE for side in features.coarse.shape[-2:])
         exemplar = _resize(torch.from_numpy(exemplar_working).to(self.device)[None, None], (input_h, input_w))
@@ -279,31 +302,40 @@ class ClickSegPredictor:
         sy, sx = input_h / state.height, input_w / state.width
         scaled = [Click((c.y + 0.5) * sy - 0.5, (c.x + 0.5) * sx - 0.5, c.is_positive) for c in clicks]
         maps = encode_click_maps(scaled, input_h, input_w, radius=RECALL_CLICK_RADIUS, device=self.device)[:, 1:]
-        logits = self.net.recall(features, exemplar, obj, maps, torch.zeros_like(obj))
-        prob = torch.sigmoid(_resize(logits.float(), state.working_size))
-        return prob[0, 0].cpu().numpy()
+        return self.net.recall(features, exemplar, obj, maps, torch.zeros_like(obj)).float()
 
     def propose(self, state: ImageState, exemplar_mask: np.ndarray, clicks: Sequence[Click],
                 object_prob: np.ndarray, exclude: Optional[np.ndarray] = None, **options) -> List[Proposal]:
         """Other objects like the exemplar, as ``Proposal``s in full-size pixels (best first).
 
-        ``exclude`` bool (H, W): pixels no proposal may cover (accepted objects, the current
-        object); defaults to the exemplar mask plus ``object_prob >= 0.49``. ``options`` go to
-        ``model.recall.propose_objects`` (``min_score``, ``min_area`` in full-size pixels, ...).
+        No proposal covers the current object (``object_prob >= 0.49``) or bool ``exclude``
+        (H, W), the other pixels to keep free (accepted objects; defaults to the exemplar mask).
+        ``options`` go to ``model.recall.propose_objects`` (``min_score``, ``min_area`` in
+        full-size pixels, ...).
         """
         if exclude is None:
-            exclude = np.asarray(exemplar_mask, dtype=bool) | (np.asarray(object_prob) >= MASK_THRESHOLD)
+            exclude = exemplar_mask
         elif np.shape(exclude) != (state.height, state.width):
             raise ValueError(f"exclude has shape {np.shape(exclude)}, expected ({state.height}, {state.width})")
         exclude = np.asarray(exclude, dtype=bool)
-        working = state.working_size
-        prob_working = self.recall(state, exemplar_mask, clicks, object_prob)
-        scale = (working[0] * working[1]) / (state.height * state.width)
+        logits = self.recall_logits(state, exemplar_mask, clicks, object_prob)
+        # components on the recall output grid; each is upscaled from its logits to full size
+        logits_grid = logits[0, 0].cpu().numpy()
+        prob_grid = 1.0 / (1.0 + np.exp(-logits_grid))
+        grid = prob_grid.shape
         if "min_area" in options:
+            scale = (grid[0] * grid[1]) / (state.height * state.width)
             options["min_area"] = max(1, int(round(options["min_area"] * scale)))
-        exclude_working = _shrink_map(exclude, working) > 0.5
-        found = propose_objects(prob_working, exclude_working, **options)
-        return [_upscale_proposal(p, (state.height, state.width), exclude) for p in found]
+        blocked = (_shrink_map(exclude, grid) > 0.5) | (self._object_prob_at(state, object_prob, grid) >= MASK_THRESHOLD)
+        found = propose_objects(prob_grid, blocked, **options)
+        return [_upscale_proposal(p, logits_grid, (state.height, state.width), exclude, object_prob) for p in found]
+
+    @torch.inference_mode()
+    def _object_prob_at(self, state: ImageState, object_prob: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+        """``object_prob`` (H, W) as float32 ``size``; from the working-size map when it is the last output."""
+        if object_prob is state.last_output and state.last_output_working is not None:
+            return _resize(state.last_output_working, size)[0, 0].float().cpu().numpy()
+        return _shrink_map(object_prob, size)
 
     # --- prediction ------------------------------------------------------------------------
 

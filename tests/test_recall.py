@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.clicks import Click
@@ -142,13 +143,13 @@ def test_propose_objects_thresholds_and_bad_input():
 
 
 class FixedRecall(ClickSegPredictor):
-    """The real branch's plumbing, with a hand-made recall map."""
+    """The real branch's plumbing, with a hand-made recall map (probabilities on its grid)."""
 
     recall_map = None
 
-    def recall(self, state, exemplar_mask, clicks, object_prob):
-        super().recall(state, exemplar_mask, clicks, object_prob)  # exercises validation + encode
-        return self.recall_map
+    def recall_logits(self, state, exemplar_mask, clicks, object_prob):
+        super().recall_logits(state, exemplar_mask, clicks, object_prob)  # exercises validation + encode
+        return torch.logit(torch.from_numpy(self.recall_map), eps=1e-6)[None, None]
 
 
 def test_predictor_recall_shapes_and_validation():
@@ -180,7 +181,7 @@ def test_predictor_propose_full_size_masks_never_cover_excluded():
     image = np.random.default_rng(1).integers(0, 255, (100, 200, 3), dtype=np.uint8)  # working 50 x 100
     state = predictor.encode_image(image)
     assert state.working_size == (50, 100)
-    m = np.zeros((50, 100), np.float32)
+    m = np.full((50, 100), 0.2, np.float32)  # background logit -1.39: a 0.8 block's edge falls midway
     m[5:15, 5:15] = 0.9  # the exemplar's own place
     m[5:15, 50:60] = 0.8  # a new object
     m[30:40, 70:80] = 0.7  # another, partly under the current object
@@ -197,6 +198,11 @@ def test_predictor_propose_full_size_masks_never_cover_excluded():
     assert not (second.mask & (object_prob >= 0.49)).any() and second.area > 0
     for p in found:
         assert not (p.mask & exemplar).any()
+    # an explicit exclude replaces the exemplar, never the current object
+    free = predictor.propose(state, exemplar, [Click(62, 150)], object_prob, exclude=np.zeros((100, 200), bool),
+                             min_score=0.5, min_area=20)
+    assert [round(p.score, 2) for p in free] == [0.9, 0.8, 0.7]
+    assert not any((p.mask & (object_prob >= 0.49)).any() for p in free)
 
 
 def _pil_box_shrink(mask: np.ndarray, size) -> np.ndarray:
@@ -224,20 +230,31 @@ def test_shrink_map_of_a_bool_mask_resizes_only_its_box_like_the_whole_image():
         assert np.mean((fast > 0.5) != (reference > 0.5)) < 0.01
 
 
-def test_upscale_proposal_maps_the_box_to_full_size_without_excluded_pixels():
-    working = np.zeros((50, 100), bool)
-    working[10:20, 30:45] = True
-    proposal = Proposal(working[8:22, 28:47].copy(), (8, 22, 28, 47), (50, 100), 0.9)
-    assert np.array_equal(proposal.mask, working) and proposal.area == 150
+def test_upscale_proposal_upscales_its_logits_in_its_box_without_excluded_pixels():
+    grid = np.full((50, 100), -2.0, np.float32)
+    grid[10:20, 30:45] = 2.0  # the proposal
+    grid[9, 30:45] = -1.0  # its fall-off above: shapes the boundary
+    grid[10:20, 47:50] = 2.0  # a neighbour two pixels away: must not leak in
+    component = grid >= 0
+    component[:, 46:] = False
+    proposal = Proposal(component[8:22, 28:47].copy(), (8, 22, 28, 47), (50, 100), 0.9)
+    assert np.array_equal(proposal.mask, component) and proposal.area == 150
     exclude = np.zeros((200, 400), bool)
     exclude[40:50, :] = True
-    full = _upscale_proposal(proposal, (200, 400), exclude)
-    reference = F.interpolate(torch.from_numpy(working.astype(np.float32))[None, None], size=(200, 400),
-                              mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+    full = _upscale_proposal(proposal, grid, (200, 400), exclude)
+    own = np.where(ndimage.binary_dilation(component, np.ones((3, 3), bool)), grid, -30.0).astype(np.float32)
+    reference = F.interpolate(torch.from_numpy(own)[None, None], size=(200, 400),
+                              mode="bilinear", align_corners=False)[0, 0].numpy() >= 0
     assert full.shape == (200, 400) and full.score == 0.9
     assert np.array_equal(full.mask, reference & ~exclude)
-    same = _upscale_proposal(proposal, (50, 100), np.zeros((50, 100), bool))
-    assert np.array_equal(same.mask, working)
+    assert not full.mask[:, 46 * 4:].any()  # nothing of the neighbour
+    whole = _upscale_proposal(proposal, grid, (200, 400), np.zeros((200, 400), bool)).mask
+    rows = np.flatnonzero(whole[:, 150])  # the top edge (fall-off -1) reaches further than the bottom (-2)
+    assert (rows[0], rows[-1]) == (39, 79)
+    same = _upscale_proposal(proposal, grid, (50, 100), np.zeros((50, 100), bool))
+    assert np.array_equal(same.mask, component)
+    with pytest.raises(ValueError, match="grid"):
+        _upscale_proposal(proposal, grid[:10], (200, 400), exclude)
 
 
 # --- checkpoints and training ------------------------------------------------------------------------

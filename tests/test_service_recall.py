@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from backend.app import create_app
 from backend.config import Settings
@@ -92,7 +93,7 @@ def plain_net():
 
 
 class ScenePredictor(ClickSegPredictor):
-    """The real predictor with colour-region object masks and ``RECALL_MAP`` as the recall output."""
+    """The real predictor with colour-region object masks and ``RECALL_MAP`` as the recall output (its grid is the image's)."""
 
     def __init__(self, net):
         super().__init__(net, cfr_steps=0)
@@ -112,13 +113,13 @@ class ScenePredictor(ClickSegPredictor):
             self.recall_encodes += 1
         return super().encode_recall(state)
 
-    def recall(self, state, exemplar_mask, clicks, object_prob):
+    def recall_logits(self, state, exemplar_mask, clicks, object_prob):
         self.recall_calls += 1
         self.encode_recall(state)
         if self.recall_error is not None:
             raise self.recall_error
         self.exemplars.append(np.array(exemplar_mask, bool))
-        return RECALL_MAP.copy()
+        return torch.logit(torch.from_numpy(RECALL_MAP.copy()), eps=1e-6)[None, None]
 
 
 class FakeFetcher:

@@ -24,6 +24,7 @@ class ModelThread:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pid: Optional[int] = None
         self._lock = threading.Lock()
+        self._on_it = threading.local()  # .active is True on this instance's model thread
 
     def _current(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -33,13 +34,18 @@ class ModelThread:
             return self._executor
 
     def submit(self, fn: Callable[..., T], *args, **kwargs) -> "Future[T]":
-        return self._current().submit(fn, *args, **kwargs)
+        def on_model_thread() -> T:
+            self._on_it.active = True
+            return fn(*args, **kwargs)
+
+        return self._current().submit(on_model_thread)
 
     def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """``fn(*args, **kwargs)`` on the model thread; its result, or its exception re-raised.
 
-        Never call it from the model thread itself (the call would wait for itself).
+        Called on the model thread itself (a model call that makes another), it runs in place
+        instead of waiting for itself.
         """
-        if threading.current_thread().name.startswith(self._name + "_"):
-            return fn(*args, **kwargs)  # already there (a model call that makes another)
+        if getattr(self._on_it, "active", False):
+            return fn(*args, **kwargs)
         return self.submit(fn, *args, **kwargs).result()

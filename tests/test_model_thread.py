@@ -18,6 +18,9 @@ def test_calls_from_many_threads_run_on_one_thread_and_raise_their_errors():
         model_thread.run(lambda: (_ for _ in ()).throw(ValueError("bad clicks")))
     # a model call that makes another runs it in place instead of waiting for itself
     assert model_thread.run(lambda: model_thread.run(lambda: 7)) == 7
+    # ... but another instance's model thread is another thread
+    other = ModelThread()
+    assert model_thread.run(lambda: other.run(lambda: threading.get_ident())) != model_thread.run(threading.get_ident)
 
 
 def test_the_service_runs_predict_and_recall_on_the_model_thread(tmp_path):

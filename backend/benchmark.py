@@ -40,7 +40,7 @@ LABEL_CONFIG = """<View>
 
 
 class SceneFetcher:
-    """Serves the one synthetic image (no network)."""
+    """Serves one in-memory image for every URL (no network): the benchmark's and tests' fetcher."""
 
     def __init__(self, image: np.ndarray):
         self.image = image

@@ -13,6 +13,8 @@ from typing import FrozenSet, List, Sequence, Set, Tuple
 
 import numpy as np
 
+from model.boxes import Box, bounding_box, box_slices, check_box
+
 MAX_COVERED_FRACTION = 0.3  # a cached proposal covered more than this (accepted regions, the object) is dropped
 
 
@@ -29,9 +31,6 @@ def unpack_mask(packed: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.unpackbits(packed, count=height * width).reshape(height, width).astype(bool)
 
 
-Box = Tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open pixel rows and columns
-
-
 @dataclass(frozen=True)
 class BoxMask:
     """A bool mask of a (height, width) image kept as its box and the bit-packed pixels inside
@@ -46,23 +45,18 @@ class BoxMask:
     def of(cls, mask: np.ndarray) -> "BoxMask":
         """From a whole (H, W) mask (its bounding box; an empty mask gets an empty box)."""
         mask = np.asarray(mask, dtype=bool)
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        box = (0, 0, 0, 0) if rows.size == 0 else (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
-        return cls.from_crop(mask[box[0]:box[1], box[2]:box[3]], box, mask.shape)
+        box = bounding_box(mask) or (0, 0, 0, 0)
+        return cls.from_crop(mask[box_slices(box)], box, mask.shape)
 
     @classmethod
     def from_crop(cls, crop: np.ndarray, box: Sequence[int], shape: Sequence[int]) -> "BoxMask":
         """From the mask inside ``box`` of an image of ``shape`` (H, W)."""
-        y0, y1, x0, x1 = (int(v) for v in box)
         height, width = (int(v) for v in shape)
-        if not (0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width) or np.shape(crop) != (y1 - y0, x1 - x0):
-            raise ValueError(f"box {tuple(box)} with a mask of shape {np.shape(crop)} does not fit ({height}, {width})")
-        return cls(height, width, (y0, y1, x0, x1), pack_mask(crop))
+        return cls(height, width, check_box(box, np.shape(crop), shape), pack_mask(crop))
 
     @property
     def slices(self) -> Tuple[slice, slice]:
-        y0, y1, x0, x1 = self.box
-        return slice(y0, y1), slice(x0, x1)
+        return box_slices(self.box)
 
     def crop(self) -> np.ndarray:
         """The bool mask inside ``box``."""

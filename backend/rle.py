@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from model.boxes import Box, check_box
+
 # Encoder parameters, the same as the SDK's `encode_rle` defaults and rle-pack's.
 WORD_SIZE = 8
 RLE_SIZES = (3, 4, 8, 16)
@@ -136,7 +138,7 @@ def _box_runs(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> tu
     return lengths[keep], values[keep]
 
 
-def mask_to_rle(mask: np.ndarray, *, box: tuple[int, int, int, int] | None = None,
+def mask_to_rle(mask: np.ndarray, *, box: Box | None = None,
                 shape: tuple[int, int] | None = None) -> list[int]:
     """Label Studio brush RLE of a binary mask.
 
@@ -163,9 +165,7 @@ def mask_to_rle(mask: np.ndarray, *, box: tuple[int, int, int, int] | None = Non
         flat = flat.view(np.uint8) if flat.dtype == np.bool_ else flat != 0
         lengths, run_values = _runs(flat)
     else:
-        y0, y1, x0, x1 = (int(v) for v in box)
-        if not (0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width) or mask.shape != (y1 - y0, x1 - x0):
-            raise ValueError(f"box {box} with a mask of shape {mask.shape} does not fit a ({height}, {width}) mask")
+        y0, _, x0, _ = check_box(box, mask.shape, (height, width))
         lengths, run_values = _box_runs(mask != 0, y0, x0, height, width)
     # Runs of the pixels are the runs of the RGBA bytes divided by 4: no need to expand 4x.
     return _encode_runs(lengths * CHANNELS, run_values.astype(bool) * MASK_VALUE, height * width * CHANNELS)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 import numpy as np
 
+from model.boxes import Box
 from model.clicks import Click
 from model.predictor import ClickSegPredictor, ImageState
 
@@ -53,7 +54,7 @@ from .payload import (
     task_image_url,
 )
 from .model_thread import ModelThread
-from .proposals import AcceptedRegions, Box, BoxMask, ObjectProposals
+from .proposals import AcceptedRegions, BoxMask, ObjectProposals
 from .rle import mask_to_rle
 from .sessions import SessionKey, SessionStore, TaskSession
 from .training_jobs import JobManager, ProjectModels

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from .boxes import bounding_box
 from .checkpoint import load_checkpoint
 from .clicks import Click, encode_click_maps, validate_clicks
 from .recall import RECALL_CLICK_RADIUS, RECALL_STRIDE, Proposal, RecallFeatures, propose_objects
@@ -110,14 +111,15 @@ def _shrink_map(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
         small = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32), mode="F").resize((size[1], size[0]), Image.BOX)
         return np.array(small, dtype=np.float32)
     out = np.zeros(size, dtype=np.float32)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if len(rows) == 0:
+    box = bounding_box(mask)
+    if box is None:
         return out
+    top, bottom, left, right = box[0], box[1] - 1, box[2], box[3] - 1  # inclusive
     height, width = mask.shape
     sy, sx = height / size[0], width / size[1]  # input pixels per output pixel
     # output pixels whose box window can reach the mask (one of margin), and the input they read
-    oy0, oy1 = max(0, int(rows[0] / sy) - 1), min(size[0], int(rows[-1] / sy) + 2)
-    ox0, ox1 = max(0, int(cols[0] / sx) - 1), min(size[1], int(cols[-1] / sx) + 2)
+    oy0, oy1 = max(0, int(top / sy) - 1), min(size[0], int(bottom / sy) + 2)
+    ox0, ox1 = max(0, int(left / sx) - 1), min(size[1], int(right / sx) + 2)
     iy0, iy1 = max(0, int(oy0 * sy) - 1), min(height, math.ceil(oy1 * sy) + 1)
     ix0, ix1 = max(0, int(ox0 * sx) - 1), min(width, math.ceil(ox1 * sx) + 1)
     crop = Image.fromarray(mask[iy0:iy1, ix0:ix1].view(np.uint8) * np.uint8(255))
@@ -295,10 +297,7 @@ class ClickSegPredictor:
         features = self.encode_recall(state)
         input_h, input_w = (side * RECALL_STRIDE for side in features.coarse.shape[-2:])
         exemplar = _resize(torch.from_numpy(exemplar_working).to(self.device)[None, None], (input_h, input_w))
-        if object_prob is state.last_output and state.last_output_working is not None:
-            obj = _resize(state.last_output_working, (input_h, input_w))
-        else:
-            obj = torch.from_numpy(_shrink_map(object_prob, (input_h, input_w))).to(self.device)[None, None]
+        obj = self._object_prob_at(state, object_prob, (input_h, input_w))
         sy, sx = input_h / state.height, input_w / state.width
         scaled = [Click((c.y + 0.5) * sy - 0.5, (c.x + 0.5) * sx - 0.5, c.is_positive) for c in clicks]
         maps = encode_click_maps(scaled, input_h, input_w, radius=RECALL_CLICK_RADIUS, device=self.device)[:, 1:]
@@ -326,16 +325,18 @@ class ClickSegPredictor:
         if "min_area" in options:
             scale = (grid[0] * grid[1]) / (state.height * state.width)
             options["min_area"] = max(1, int(round(options["min_area"] * scale)))
-        blocked = (_shrink_map(exclude, grid) > 0.5) | (self._object_prob_at(state, object_prob, grid) >= MASK_THRESHOLD)
+        object_grid = self._object_prob_at(state, object_prob, grid)[0, 0].cpu().numpy()
+        blocked = (_shrink_map(exclude, grid) > 0.5) | (object_grid >= MASK_THRESHOLD)
         found = propose_objects(prob_grid, blocked, **options)
         return [_upscale_proposal(p, logits_grid, (state.height, state.width), exclude, object_prob) for p in found]
 
     @torch.inference_mode()
-    def _object_prob_at(self, state: ImageState, object_prob: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-        """``object_prob`` (H, W) as float32 ``size``; from the working-size map when it is the last output."""
+    def _object_prob_at(self, state: ImageState, object_prob: np.ndarray, size: Tuple[int, int]) -> torch.Tensor:
+        """``object_prob`` (H, W) as float32 (1, 1, *size) on the device; from the working-size map
+        when it is the last output (no full-size resize)."""
         if object_prob is state.last_output and state.last_output_working is not None:
-            return _resize(state.last_output_working, size)[0, 0].float().cpu().numpy()
-        return _shrink_map(object_prob, size)
+            return _resize(state.last_output_working, size).float()
+        return torch.from_numpy(_shrink_map(object_prob, size)).to(self.device)[None, None]
 
     # --- prediction ------------------------------------------------------------------------
 

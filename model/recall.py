@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .boxes import Box, box_slices
 from .layers import IMAGE_MEAN, IMAGE_STD, conv_bn_relu
 
 RECALL_STAGES = (2, 4)  # backbone stages used: strides 8 and 16
@@ -216,14 +217,13 @@ class Proposal:
     """
 
     crop: np.ndarray
-    box: Tuple[int, int, int, int]
+    box: Box
     shape: Tuple[int, int]
     score: float
 
     @property
     def slices(self) -> Tuple[slice, slice]:
-        y0, y1, x0, x1 = self.box
-        return slice(y0, y1), slice(x0, x1)
+        return box_slices(self.box)
 
     @property
     def mask(self) -> np.ndarray:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from backend.app import create_app
+from backend.benchmark import SceneFetcher
 from backend.config import Settings
 from backend.service import ClickSegModel
 from model.predictor import ClickSegPredictor
@@ -122,22 +123,11 @@ class ScenePredictor(ClickSegPredictor):
         return torch.logit(torch.from_numpy(RECALL_MAP.copy()), eps=1e-6)[None, None]
 
 
-class FakeFetcher:
-    def __init__(self, image: np.ndarray):
-        self.image = image
-
-    def set_setup_access_token(self, token):
-        pass
-
-    def fetch(self, url, task_id=None, project_id=None):
-        return self.image
-
-
 class Backend:
     def __init__(self, tmp_path, predictor, **env):
         settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "LOG_LEVEL": "WARNING", **env})
         self.predictor = predictor
-        self.model = ClickSegModel(settings, predictor_factory=lambda: predictor, fetcher=FakeFetcher(IMAGE))
+        self.model = ClickSegModel(settings, predictor_factory=lambda: predictor, fetcher=SceneFetcher(IMAGE))
         self.client = create_app(settings, self.model).test_client()
 
     def post(self, clicks, drafts=()):

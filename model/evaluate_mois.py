@@ -12,8 +12,9 @@ Objects 1 and 2 cost their NoC. "Without recall" is the sum of every object's No
     python -m model.evaluate_mois --dataset ../shared/data/wgisd-dev --out-dir artifacts/mois
 
 ``--oracle`` needs no model: it bounds what proposals made as connected components of a recall
-map can reach at all, with a perfect map of all instances (touching instances merge), and what
-the recall output grid (stride 4 at ``--recall-input-size``) costs a perfect mask.
+map can reach at all, with a perfect map of all instances (touching instances merge), what
+the recall output grid (stride 4 at ``--recall-input-size``) costs a perfect mask, and what
+splitting the perfect map by perfect instance cores (an instance-aware head) would reach.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 from .clicks import Clicker, iou
 from .data import read_label_map, read_rgb
@@ -35,6 +37,7 @@ from .recall import PROPOSAL_MIN_SCORE
 
 log = logging.getLogger("model.evaluate_mois")
 THRESHOLDS = (0.85, 0.90)
+CORE_FRACTION = 0.15  # --oracle: instance cores, share of the largest inner distance
 
 
 @dataclass
@@ -177,38 +180,72 @@ def format_table(summary: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def instance_cores(labels: np.ndarray, fraction: float = CORE_FRACTION) -> np.ndarray:
+    """Bool (H, W): each instance's pixels at least ``fraction`` of its largest inner distance
+    from its boundary (touching instances' cores are apart)."""
+    cores = np.zeros(labels.shape, dtype=bool)
+    for value, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        padded = np.pad(labels[box] == value, 1)
+        distance = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+        cores[box] |= distance >= fraction * distance.max()
+    return cores
+
+
+def split_by_cores(union: np.ndarray, cores: np.ndarray) -> np.ndarray:
+    """Int (H, W) segment ids (0 = outside ``union``): each union pixel goes to its nearest
+    connected core; a union component without a core stays one segment."""
+    seeds, count = ndimage.label(cores & union)
+    if count == 0:
+        return ndimage.label(union)[0]
+    _, (rows, cols) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    segments = np.where(union, seeds[rows, cols], 0)
+    components, found = ndimage.label(union)
+    seeded = ndimage.maximum(seeds > 0, components, np.arange(found + 1)).astype(bool)
+    return np.where(union & ~seeded[components], components + count, segments)
+
+
 def oracle_bounds(labels: np.ndarray, recall_input_size: int = 768,
-                  thresholds: Sequence[float] = THRESHOLDS) -> Dict[str, float]:
+                  thresholds: Sequence[float] = THRESHOLDS, core_fraction: float = CORE_FRACTION) -> Dict[str, float]:
     """Upper bounds for one instance map (H, W) (0 = background), no model involved.
 
     ``components@t``: instances that the connected component of a perfect union mask matching
     them best covers at IoU >= t; ``grid@t``: instances whose mask, box-filtered to the recall
-    output grid and bilinearly upscaled back (threshold 0.5), keeps IoU >= t. Counts, and
-    ``instances``.
+    output grid and bilinearly upscaled back (threshold 0.5), keeps IoU >= t; ``cores@t``:
+    instances that the best segment covers when the perfect union mask on the recall grid is
+    split by perfect instance cores (``instance_cores``, ``split_by_cores``), as an
+    instance-aware recall head would. Counts, and ``instances``.
     """
     import torch
     import torch.nn.functional as F
-    from scipy import ndimage
-
     from .predictor import _shrink_map
 
     height, width = labels.shape
     scale = recall_input_size / max(height, width)
     grid = (max(1, round(height * scale / 4)), max(1, round(width * scale / 4)))
+
+    def regrow(small: np.ndarray) -> np.ndarray:
+        up = F.interpolate(torch.from_numpy(small)[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        return up[0, 0].numpy() >= 0.5
+
     components, _ = ndimage.label(labels > 0)
-    counts = {"instances": 0.0, **{f"components@{t:.2f}": 0.0 for t in thresholds},
-              **{f"grid@{t:.2f}": 0.0 for t in thresholds}}
+    core_segments = split_by_cores(_shrink_map(labels > 0, grid) >= 0.5,
+                                   _shrink_map(instance_cores(labels, core_fraction), grid) >= 0.5)
+    segments = [regrow((core_segments == k).astype(np.float32)) for k in range(1, int(core_segments.max()) + 1)]
+    counts = {"instances": 0.0, **{f"{kind}@{t:.2f}": 0.0 for kind in ("components", "grid", "cores") for t in thresholds}}
     for value in np.unique(labels):
         if value == 0:
             continue
         gt = labels == value
         counts["instances"] += 1
         best = components == np.bincount(components[gt]).argmax()
-        small = torch.from_numpy(_shrink_map(gt, grid))[None, None]
-        regrown = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+        regrown = regrow(_shrink_map(gt, grid))
+        best_segment = max((iou(segment, gt) for segment in segments), default=0.0)
         for t in thresholds:
             counts[f"components@{t:.2f}"] += iou(best, gt) >= t
             counts[f"grid@{t:.2f}"] += iou(regrown, gt) >= t
+            counts[f"cores@{t:.2f}"] += best_segment >= t
     return counts
 
 
@@ -216,9 +253,11 @@ def format_oracle_table(totals: Dict[str, float], images: int, recall_input_size
     n = max(totals["instances"], 1)
     lines = [f"{images} images, {int(totals['instances'])} instances; share of instances a proposal could match:", "",
              "| IoU | perfect map, connected components | perfect mask on the recall grid "
-             f"({recall_input_size} px, stride 4) |", "|---|---|---|"]
+             f"({recall_input_size} px, stride 4) | perfect map on the grid, split by perfect instance cores |",
+             "|---|---|---|---|"]
     for t in THRESHOLDS:
-        lines.append(f"| {t:.2f} | {totals[f'components@{t:.2f}'] / n:.0%} | {totals[f'grid@{t:.2f}'] / n:.0%} |")
+        lines.append(f"| {t:.2f} | {totals[f'components@{t:.2f}'] / n:.0%} | {totals[f'grid@{t:.2f}'] / n:.0%} "
+                     f"| {totals[f'cores@{t:.2f}'] / n:.0%} |")
     return "\n".join(lines)
 
 
@@ -249,16 +288,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out-dir", default="artifacts/mois")
     parser.add_argument("--oracle", action="store_true", help="model-free upper bounds instead (see above)")
     parser.add_argument("--recall-input-size", type=int, default=768, help="recall grid of --oracle (long side, px)")
+    parser.add_argument("--core-fraction", type=float, default=CORE_FRACTION,
+                        help="--oracle: an instance's core is its pixels at least this share of its largest inner distance")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.oracle:
+        if not 0.0 < args.core_fraction < 1.0:
+            parser.error(f"--core-fraction must be between 0 and 1 (exclusive), got {args.core_fraction}")
         try:
             pairs = wgisd_images(Path(args.dataset), args.images)
         except ValueError as exc:
             parser.error(str(exc))
         totals: Dict[str, float] = {}
         for _, label_path in pairs:
-            for key, value in oracle_bounds(read_label_map(label_path), args.recall_input_size).items():
+            bounds = oracle_bounds(read_label_map(label_path), args.recall_input_size, core_fraction=args.core_fraction)
+            for key, value in bounds.items():
                 totals[key] = totals.get(key, 0.0) + value
         text = format_oracle_table(totals, len(pairs), args.recall_input_size)
         out_dir = Path(args.out_dir)

@@ -10,7 +10,8 @@ from scipy import ndimage
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.clicks import Click
-from model.evaluate_mois import evaluate_image, main as mois_main, match_proposals, oracle_bounds, summarize
+from model.evaluate_mois import (evaluate_image, instance_cores, main as mois_main, match_proposals, oracle_bounds,
+                                 split_by_cores, summarize)
 from model.predictor import ClickSegPredictor, _shrink_map, _upscale_proposal
 from model.recall import ExemplarRecall, Proposal, masked_responses, propose_objects, union_mask
 from model.registry import create_model
@@ -440,6 +441,25 @@ def test_mois_command_writes_tables(tmp_path, capsys):
         main(["--checkpoint", str(checkpoint), "--dataset", str(tmp_path / "wgisd"), "--images", "missing"])
 
 
+def test_split_by_cores_gives_each_core_its_nearest_pixels():
+    union = np.zeros((6, 10), bool)
+    union[1:5, 0:8] = True
+    union[0, 9] = True  # a component without a core: its own segment
+    cores = np.zeros_like(union)
+    cores[2:4, 1] = cores[2:4, 6] = True
+    segments = split_by_cores(union, cores)
+    assert (segments[1:5, 0:4] == 1).all() and (segments[1:5, 4:8] == 2).all()
+    assert segments[0, 9] == 3 and (segments[~union] == 0).all()
+    assert (split_by_cores(union, np.zeros_like(union)) == ndimage.label(union)[0]).all()
+
+
+def test_instance_cores_keep_touching_instances_apart():
+    labels = np.zeros((20, 40), np.uint8)
+    labels[2:18, 2:20], labels[2:18, 20:38] = 1, 2
+    cores = instance_cores(labels, 0.5)
+    assert ndimage.label(cores)[1] == 2 and not cores[:, 19:21].any() and cores[10, 10] and cores[10, 29]
+
+
 def test_oracle_bounds_count_merged_neighbours_and_the_recall_grid(tmp_path, capsys):
     labels = np.zeros((200, 300), np.uint8)
     labels[20:100, 20:100] = 1
@@ -450,13 +470,16 @@ def test_oracle_bounds_count_merged_neighbours_and_the_recall_grid(tmp_path, cap
     assert bounds["instances"] == 4
     assert bounds["components@0.85"] == 2 and bounds["components@0.90"] == 2  # 3 and 4
     assert bounds["grid@0.85"] == 3  # all but the 2x2 speck
+    assert bounds["cores@0.85"] == 3  # their cores split 1 from 2; the speck is still lost
     (tmp_path / "wgisd" / "images").mkdir(parents=True)
     (tmp_path / "wgisd" / "instances").mkdir()
     Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(tmp_path / "wgisd" / "images" / "a.jpg")
     Image.fromarray(labels).save(tmp_path / "wgisd" / "instances" / "a.png")
     assert mois_main(["--oracle", "--dataset", str(tmp_path / "wgisd"), "--recall-input-size", "300",
                       "--out-dir", str(tmp_path / "out")]) == 0
-    assert "| 0.85 | 50% | 75% |" in capsys.readouterr().out and (tmp_path / "out" / "oracle.json").is_file()
+    assert "| 0.85 | 50% | 75% | 75% |" in capsys.readouterr().out and (tmp_path / "out" / "oracle.json").is_file()
+    with pytest.raises(SystemExit):
+        mois_main(["--oracle", "--dataset", str(tmp_path / "wgisd"), "--core-fraction", "1.5"])
 
 
 def test_benchmark_recall_row():

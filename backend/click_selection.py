@@ -1,37 +1,37 @@
-"""Which of the resent clicks belong to the object being segmented now.
+"""Which of the prompts Label Studio sends belong to the object being segmented now.
 
-Label Studio's editor sends, on every click, *all* smart prompts of the label on the
-image in creation order, including those of objects the annotator already finished
-(label-studio-ml-backend issue #588). The rule (also in the README):
+What Label Studio 1.23.2's editor sends (measured in a real browser, ``tests/e2e/test_browser_objects.py``,
+and read in its source, ``Annotation.acceptAllSuggestions``): on every click, the smart prompts of
+the clicked label on the image (the "dynamic" keypoints and rectangles), in creation order. ✓
+(accept) and ✗ (reject) delete all of them; with Auto-Accept on, every answer is accepted at once,
+so they are deleted after every answer and each request holds the newest prompt only. The
+accepted region reaches the task's draft a few seconds later (the editor saves drafts at most
+every 5 s). The rule (also in the README):
 
-1. The clicks of one object are contiguous in creation order and an object starts with
-   a positive click or a box. The newest prompt always belongs to the current object.
-2. **Saved masks close objects.** A positive click or box (other than the newest
-   prompt) lying inside a brush region with the same label in the task's annotations or
-   drafts belongs to a finished object, and so does everything before it. The current
-   object starts at the first positive click or box after the last such prompt (the
-   negative clicks right after it refined that finished object). The region that this
-   server returned for the object it is still refining does not count, so an
-   auto-accepted intermediate mask does not end its own object.
-3. **Remembered decisions.** Per task, the server remembers the prompt sequence it has
-   seen and where each object started. A request that extends that sequence is applied
-   click by click on top of the remembered current object (mask feedback: the previous
-   probability map is fed back). If earlier prompts changed (moved or deleted), the
-   decisions are replayed from the last unchanged object start.
-4. **Each new prompt**, in order:
-   - a box starts a new object;
-   - a negative click refines the current object;
-   - a positive click inside the current mask (or while that mask is empty) refines it;
-   - a positive click outside the current mask is segmented on its own first; if that
-     mask overlaps the current mask by at least half of the smaller of the two, the
-     click hit the same object and refines it, otherwise it starts a new object (its
-     own mask is the answer, so no prediction is wasted).
-5. A box prompt becomes clicks: a positive click at the box centre and negative clicks
-   just outside its four corners; the object's mask is cropped to the box (grown to
-   include the object's later positive clicks).
-
-The decisions depend only on the prompts, the saved regions and the model, so a server
-that lost its memory (restart, LRU eviction) replays them and reaches the same objects.
+1. **The clicks of an object refine it until it is finished.** A request whose prompts extend
+   the ones this server applied adds each new click to the current object, wherever it lies
+   (mask feedback: the previous probability map is fed back). No mask is guessed from.
+2. **What finishes an object** (real signals only):
+   - a box: it starts a new object;
+   - a label switch: each (image, label) has its own objects;
+   - the editor deleted the earlier prompts (✓ or ✗): the next prompt starts a new object;
+   - a positive click or box lying inside a saved brush region with the same label (task
+     annotations or drafts) belongs to a finished object, and so does every prompt before it;
+     the current object starts at the first positive click or box after the last such prompt.
+     The region this server returned for the object it is refining does not count.
+3. **Auto-Accept on** is the one case without a signal: the editor deletes the prompts after
+   every answer, so a lone prompt after a lone prompt may refine the object or start the next.
+   A negative click refines it; a positive click inside the current mask refines it; a
+   positive click outside it refines it when its own one-click mask overlaps the current mask
+   (half of the smaller) or touches it, and starts a new object otherwise. Once a request of
+   the task held two prompts or more, the editor is known to keep them (Auto-Accept off) and
+   this case never applies.
+4. **Remembered decisions.** Per task, the server remembers the prompts it has applied and
+   where each object started; if earlier prompts moved or were deleted, decisions are replayed
+   from the last unchanged object start.
+5. A box prompt becomes clicks: a positive click at the box centre and negative clicks just
+   outside its four corners; the object's mask is cropped to the box (grown to include the
+   object's later positive clicks).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 from model.clicks import Click
 from model.predictor import MASK_THRESHOLD
@@ -87,6 +88,8 @@ class ClickHistory:
     keys: List[Tuple] = field(default_factory=list)  # prompt keys applied so far, in order
     starts: List[int] = field(default_factory=list)  # indices into ``keys`` where objects started
     current: Optional[TrackedObject] = None
+    keeps_prompts: bool = False  # a request held several prompts: the editor keeps them (Auto-Accept off)
+    finished: bool = False  # the current object was finished by a signal outside the prompts (a label switch)
     region_masks: Dict["RegionKey", Optional[BoxMask]] = field(default_factory=dict)  # see RegionMasks
     proposals: Optional[ObjectProposals] = None  # the current object's recall proposals (backend.proposals)
 
@@ -155,11 +158,24 @@ def apply_crop(prob: np.ndarray, crop: Optional[PixelBox]) -> np.ndarray:
 
 
 def same_object(candidate: np.ndarray, current: np.ndarray) -> bool:
-    """Whether two binary masks overlap by at least ``SAME_OBJECT_OVERLAP`` of the smaller one."""
+    """Whether two binary masks overlap by ``SAME_OBJECT_OVERLAP`` of the smaller one, or touch."""
     smaller = min(int(candidate.sum()), int(current.sum()))
     if smaller == 0:
         return False
-    return int(np.logical_and(candidate, current).sum()) >= SAME_OBJECT_OVERLAP * smaller
+    if int(np.logical_and(candidate, current).sum()) >= SAME_OBJECT_OVERLAP * smaller:
+        return True
+    return touches(candidate, current)
+
+
+def touches(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a pixel of ``a`` is ``b`` or 8-adjacent to one (work bounded by ``a``'s box)."""
+    rows, cols = np.nonzero(a.any(axis=1))[0], np.nonzero(a.any(axis=0))[0]
+    if rows.size == 0:
+        return False
+    y0, y1 = max(0, rows[0] - 1), min(a.shape[0], rows[-1] + 2)
+    x0, x1 = max(0, cols[0] - 1), min(a.shape[1], cols[-1] + 2)
+    grown = ndimage.binary_dilation(a[y0:y1, x0:x1], structure=np.ones((3, 3), bool))
+    return bool(np.logical_and(grown, b[y0:y1, x0:x1]).any())
 
 
 # --- rule 2: saved masks close objects --------------------------------------------------------
@@ -254,22 +270,33 @@ class ObjectTracker:
         if not prompts:
             raise ValueError("segment needs at least one prompt")
         keys = [p.key for p in prompts]
+        if len(prompts) > 1:
+            history.keeps_prompts = True
         current = history.current
         excluded = {current.result_id} if current is not None else set()
         first = first_active_index(prompts, regions, excluded)
         common = _common_prefix(history.keys, keys)
 
+        carried = None  # rule 3: the object that a lone prompt may go on refining (Auto-Accept on)
         if current is not None and common == len(history.keys) and current.start >= first:
             begin = common  # the request extends what was applied: continue the current object
+            if history.finished and begin < len(prompts):
+                current = None  # a label switch finished it: the next prompt starts a new object
         else:
+            if current is not None and common == 0 and first == 0 and not history.keeps_prompts:
+                carried = current
             unchanged_starts = [s for s in history.starts if s < common]
             begin = max([first] + unchanged_starts[-1:])
             current = None
+        history.finished = False
         history.keys = keys[:begin]
         history.starts = [s for s in history.starts if s < begin]
 
         for index in range(begin, len(prompts)):
-            current = self._apply(index, prompts[index], current, history)
+            if carried is not None and index == 0:
+                current = self._after_lone_prompt(prompts[0], carried, history)
+            else:
+                current = self._apply(index, prompts[index], current, history)
             history.keys.append(keys[index])
         history.current = current
         return current
@@ -277,21 +304,28 @@ class ObjectTracker:
     # one prompt ---------------------------------------------------------------------------
 
     def _apply(self, index: int, prompt: Prompt, current: Optional[TrackedObject], history: ClickHistory) -> TrackedObject:
+        """Rules 1 and 2: a box or the first prompt starts an object; every click refines it."""
         if prompt.kind == "rectangle":
             clicks, crop = box_prompt_clicks(prompt, self.height, self.width)
             return self._start(index, prompt, clicks, crop, history)
         click = to_click(*anchor_point(prompt, self.height, self.width), self.height, self.width, prompt.is_positive)
         if current is None:
             return self._start(index, prompt, [click], None, history)
-        if not click.is_positive:
-            return self._refine(current, click)
-        mask = current.mask
-        if not mask.any() or mask[int(round(click.y)), int(round(click.x))]:
-            return self._refine(current, click)
-        alone = self._run([click], None)
-        if same_object(alone >= MASK_THRESHOLD, mask):
-            return self._refine(current, click)
-        return self._start(index, prompt, [click], None, history, prob=alone)
+        return self._refine(current, click)
+
+    def _after_lone_prompt(self, prompt: Prompt, carried: TrackedObject, history: ClickHistory) -> TrackedObject:
+        """Rule 3: the first prompt of a request after the editor deleted all earlier ones (Auto-Accept on)."""
+        if prompt.kind == "rectangle":
+            return self._apply(0, prompt, None, history)
+        click = to_click(*anchor_point(prompt, self.height, self.width), self.height, self.width, prompt.is_positive)
+        mask = carried.mask
+        if click.is_positive and mask.any() and not mask[int(round(click.y)), int(round(click.x))]:
+            alone = self._run([click], None)
+            if not same_object(alone >= MASK_THRESHOLD, mask):
+                return self._start(0, prompt, [click], None, history, prob=alone)
+        carried.start = 0  # its earlier prompts are gone from the context: it now starts before index 0
+        history.starts.append(0)
+        return self._refine(carried, click)
 
     def _start(self, index: int, prompt: Prompt, clicks: List[Click], crop: Optional[PixelBox],
                history: ClickHistory, prob: Optional[np.ndarray] = None) -> TrackedObject:

@@ -306,6 +306,11 @@ class ClickSegModel:
             state = session.image_state
             group = (newest.image, newest.label)
             history = session.histories.setdefault(group, ClickHistory())
+            if session.last_group not in (None, group):  # a label switch finishes the other label's object
+                finished = session.histories.get(session.last_group)
+                if finished is not None:
+                    finished.finished = True
+            session.last_group = group
             tracker = ObjectTracker(
                 state.height, state.width,
                 predict=lambda clicks, prev: self._run_model(predictor, state, clicks, prev),
@@ -359,6 +364,7 @@ class ClickSegModel:
                                                          for region_id, crop, box, proposal_score in proposals]
         log.info("interactive prediction", extra={
             "task": tid, "prompts": len(prompts), "object_clicks": len(obj.clicks), "object_start": obj.start,
+            "object_id": obj.result_id, "saved_regions": [r.region_id for r in regions],
             "model_calls": tracker.predictions, "mask_pixels": int(mask.sum()),
             "proposals": len(proposals), "recall_ms": round(recall_ms, 1),
             "ms": round((time.perf_counter() - started) * 1000, 1),

@@ -36,6 +36,7 @@ class TaskSession:
 
     image_state: object  # model.predictor.ImageState
     histories: Dict[GroupKey, ClickHistory] = field(default_factory=dict)
+    last_group: Optional[GroupKey] = None  # the (image, label) of the last interactive request
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

@@ -1,5 +1,6 @@
-"""The click-selection rule: three objects clicked one after another, with Label Studio resending
-every earlier click, with and without their masks accepted, across server restarts.
+"""The click-selection rule, with contexts shaped as Label Studio 1.23.2's editor sends them:
+with Auto-Accept off the editor keeps every smart keypoint of the label until ✓ / ✗ deletes them
+all; with Auto-Accept on it deletes them after every answer (each request holds one keypoint).
 
 Runs over real HTTP with a deterministic colour-region predictor (test_server_support), so that
 each expected mask is exact.
@@ -34,17 +35,22 @@ from test_server_support import (
 )
 
 IMAGE, MASKS = three_object_image()
+TWO_LABEL_CONFIG = LABEL_CONFIG.replace('<Label value="Object" background="#FF0000"/>',
+                                        '<Label value="Object" background="#FF0000"/><Label value="Other"/>').replace(
+    '<Label value="Object" smart="true" background="#FF0000"/>',
+    '<Label value="Object" smart="true" background="#FF0000"/><Label value="Other" smart="true"/>')
 IMAGE_URL = "/data/upload/1/scene.png"
 
 # The clicks, in the order the annotator places them.
 A1 = pixel_keypoint(25, 30)          # A: red body
-A2 = pixel_keypoint(44, 30)          # A: positive on the strip the first mask missed
-B1 = pixel_keypoint(40, 80)          # B: a new object
+A2 = pixel_keypoint(44, 30)          # A: positive on the strip the first mask missed (outside that mask)
+B1 = pixel_keypoint(40, 80)          # B: the next object
 B2 = pixel_keypoint(65, 80, False)   # B: negative on its cyan part
-C1 = pixel_keypoint(125, 45)         # C: a new object
-SEQUENCE = [A1, A2, B1, B2, C1]
+C1 = pixel_keypoint(125, 45)         # C: the next object
+# Auto-Accept off: the contexts of each click, ✓ between objects (it deletes the keypoints).
+ACCEPT_OFF = [[A1], [A1, A2], [B1], [B1, B2], [C1]]
 EXPECTED = ["A_body", "A", "B", "B_core", "C"]  # the mask after each click
-
+SEQUENCE = [A1, A2, B1, B2, C1]  # every click, as an editor that never deletes keypoints would send them
 
 @pytest.fixture(scope="module")
 def label_studio():
@@ -63,10 +69,11 @@ class Backend:
         self.predictor = ColourRegionPredictor()
         self.app = create_app(settings, ClickSegModel(settings, predictor_factory=lambda: self.predictor))
 
-    def click(self, url: str, context_items, drafts=()) -> dict:
+    def click(self, url: str, context_items, drafts=(), label_config=LABEL_CONFIG) -> dict:
         """POST one interactive request; returns its single brush region."""
         self.predictor.calls.clear()
         body = predict_body([interactive_task(IMAGE_URL, drafts=drafts)], {"result": list(context_items)})
+        body["label_config"] = label_config
         response = post(f"{url}/predict", body)
         assert response.status_code == 200, response.text
         results = response.json()["results"]
@@ -91,38 +98,73 @@ def fresh_backend_click(label_studio, context_items, drafts=()):
 
 
 def assert_mask(region: dict, name: str) -> None:
+    assert_mask_of(region, MASKS[name], name)
+
+
+def assert_mask_of(region: dict, expected: np.ndarray, name: str = "the expected mask") -> None:
     mask = decode_region(region)
     assert mask.shape == (120, 160)
-    assert np.array_equal(mask, MASKS[name]), f"expected object {name}, got {mask.sum()} pixels"
+    assert np.array_equal(mask, expected), f"expected {name} ({expected.sum()} pixels), got {mask.sum()} pixels"
 
 
-def test_three_objects_without_accepting_their_masks(backend):
+def test_three_objects_accepted_with_the_check_mark(backend):
     regions, calls = [], []
-    for n in range(1, len(SEQUENCE) + 1):
-        regions.append(backend.click(backend.url, SEQUENCE[:n]))
+    for context in ACCEPT_OFF:
+        regions.append(backend.click(backend.url, context))
         calls.append(list(backend.predictor.calls))
     for region, name in zip(regions, EXPECTED):
         assert_mask(region, name)
         assert region["from_name"] == "tag" and region["value"]["brushlabels"] == ["Object"]
     ids = [r["id"] for r in regions]
     assert ids[0] == ids[1] and ids[2] == ids[3] and len({ids[0], ids[2], ids[4]}) == 3
-    # (clicks, previous mask fed back) of each model call:
-    assert calls[0] == [(1, False)]                 # A1 starts A
-    assert calls[1] == [(1, False), (2, True)]      # A2 alone overlaps A -> refine A with feedback
-    assert calls[2] == [(1, False)]                 # B1 alone is disjoint from A -> new object, no rerun
-    assert calls[3] == [(2, True)]                  # B2 negative refines B with feedback
-    assert calls[4] == [(1, False)]                 # C1 starts C
+    # (clicks, previous mask fed back) of each model call: one per click, never a guess from a mask
+    assert calls == [[(1, False)], [(2, True)], [(1, False)], [(2, True)], [(1, False)]]
 
 
-def test_three_objects_with_masks_accepted_into_the_draft(backend):
-    """The annotator accepts each finished mask; Label Studio saves it in the draft, keypoints kept."""
-    accepted = []
-    for n, name in enumerate(EXPECTED, start=1):
-        region = backend.click(backend.url, SEQUENCE[:n], drafts=[draft(accepted)] if accepted else [])
+def test_a_click_in_a_missed_part_refines_the_object_wherever_it_lies(backend):
+    """Without ✓ (no signal), every click refines the current object, even one on another object."""
+    backend.click(backend.url, [A1])
+    region = backend.click(backend.url, [A1, A2, B1])
+    assert_mask_of(region, MASKS["A"] | MASKS["B"])
+    assert backend.predictor.calls == [(2, True), (3, True)]  # refined click by click, never restarted
+
+
+def test_auto_accept_on_lone_clicks_refine_or_start_objects(backend):
+    """With Auto-Accept on each request holds the newest keypoint alone, and the accepted mask is in the draft."""
+    regions, calls, accepted = [], [], {}
+    for item, name in zip(SEQUENCE, EXPECTED):
+        region = backend.click(backend.url, [item], drafts=[draft(list(accepted.values()))] if accepted else [])
+        accepted[region["id"]] = brush_result(decode_region(region), region["id"])
+        regions.append(region)
+        calls.append(list(backend.predictor.calls))
         assert_mask(region, name)
-        if name in ("A", "B_core"):  # object finished: accept its mask
-            accepted.append(brush_result(decode_region(region), region["id"]))
-    assert len(accepted) == 2
+    ids = [r["id"] for r in regions]
+    assert ids[0] == ids[1] and ids[2] == ids[3] and len({ids[0], ids[2], ids[4]}) == 3
+    assert calls == [[(1, False)],
+                     [(1, False), (2, True)],  # A2 outside the mask: alone it overlaps A -> refine A
+                     [(1, False)],             # B1 alone is disjoint from A -> B, its own mask is the answer
+                     [(2, True)],              # a negative click refines B
+                     [(1, False)]]
+
+
+def test_once_the_editor_kept_two_clicks_a_lone_click_starts_a_new_object(backend):
+    """Auto-Accept off is known once a context held two keypoints: a reset then is ✓ or ✗, a signal."""
+    backend.click(backend.url, [A1])
+    backend.click(backend.url, [A1, A2])
+    region = backend.click(backend.url, [pixel_keypoint(30, 20)])  # after ✓, on A's body again
+    assert_mask(region, "A_body")
+    assert backend.predictor.calls == [(1, False)]
+
+
+def test_a_label_switch_finishes_the_object(backend):
+    other = dict(pixel_keypoint(125, 45), value={**pixel_keypoint(125, 45)["value"],
+                                                 "keypointlabels": ["Other"], "labels": ["Other"]})
+    backend.click(backend.url, [A1])
+    backend.click(backend.url, [A1, A2])
+    backend.click(backend.url, [other], label_config=TWO_LABEL_CONFIG)
+    region = backend.click(backend.url, [A1, A2, B1], label_config=TWO_LABEL_CONFIG)
+    assert_mask(region, "B")
+    assert backend.predictor.calls == [(1, False)]
 
 
 def test_accepted_masks_select_the_object_without_any_memory(label_studio):
@@ -143,20 +185,20 @@ def test_a_submitted_annotation_finishes_objects_like_a_draft(label_studio):
     assert backend.predictor.calls == [(1, False), (2, True)]  # only B's clicks were applied
 
 
-@pytest.mark.parametrize("n, name", [(4, "B_core"), (5, "C")])
-def test_a_restarted_server_replays_the_clicks_to_the_same_object(label_studio, n, name):
-    region, calls = fresh_backend_click(label_studio, SEQUENCE[:n])
-    assert_mask(region, name)
-    assert len(calls) == {4: 5, 5: 6}[n]
+def test_a_restarted_server_replays_the_clicks_to_the_same_object(label_studio, backend):
+    for context in ACCEPT_OFF[:2]:
+        expected = backend.click(backend.url, context)
+    region, calls = fresh_backend_click(label_studio, ACCEPT_OFF[1])
+    assert region == expected
+    assert calls == [(1, False), (2, True)]  # replayed click by click, with mask feedback
 
 
 def test_deleting_a_click_replays_from_the_last_unchanged_object(backend):
-    for n in range(1, 5):
-        backend.click(backend.url, SEQUENCE[:n])
-    # The annotator deletes B2, then clicks C1: B restarts from B1, then C1 starts C.
-    region = backend.click(backend.url, [A1, A2, B1, C1])
-    assert_mask(region, "C")
-    assert backend.predictor.calls == [(1, False), (1, False)]
+    for context in ([A1], [A1, A2], [A1, A2, B2]):
+        backend.click(backend.url, context)
+    region = backend.click(backend.url, [A1, B2])  # the annotator deleted A2
+    assert_mask(region, "A_body")
+    assert backend.predictor.calls == [(1, False), (2, True)]
 
 
 def test_the_same_request_twice_is_answered_from_memory(backend):
@@ -171,7 +213,7 @@ def test_an_auto_accepted_mask_of_the_object_being_refined_does_not_finish_it(ba
     second = backend.click(backend.url, [A1, A2], drafts=in_draft)
     assert_mask(second, "A")
     assert second["id"] == first["id"]  # the same region is refined, not a new one started at A2
-    assert backend.predictor.calls == [(1, False), (2, True)]
+    assert backend.predictor.calls == [(2, True)]
 
 
 def test_a_box_prompt_gives_a_mask_cropped_to_the_box(backend):

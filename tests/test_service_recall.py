@@ -256,8 +256,9 @@ def test_refining_keeps_the_proposals_and_a_new_object_recomputes_them(backend):
     assert [r["id"] for r in third] == [b_id, f"{b_id}-r2"]
     assert backend.predictor.recall_calls == 1
 
-    # A click on E starts a new object: new proposals from every accepted region of the label.
-    fourth = backend.click([B1, B2, B3, E1], accepted)
+    # ✓ deletes the keypoints, so a click on E starts a new object: new proposals from every
+    # accepted region of the label.
+    fourth = backend.click([E1], accepted)
     e_id = fourth[0]["id"]
     assert e_id != b_id and np.array_equal(decode_region(fourth[0]), E)
     assert [r["id"] for r in fourth[1:]] == [f"{e_id}-r0"]
@@ -320,7 +321,7 @@ def test_the_recall_features_are_computed_in_the_background(backend):
     assert session.nbytes > session.image_state.recall_features.nbytes  # the LRU counts them
 
     assert len(backend.click([B1, B3], ACCEPTED)) == 1  # a refining click does not propose
-    assert len(backend.click([B1, B3, E1], ACCEPTED)) > 1  # a new object does, with the warm features
+    assert len(backend.click([E1], ACCEPTED)) > 1  # a new object (after ✓) does, with the warm features
     assert backend.predictor.recall_encodes == 1
 
 

@@ -74,9 +74,9 @@ class TrackedObject:
 
     @property
     def mask(self) -> np.ndarray:
-        """Bool (H, W) ``prob >= MASK_THRESHOLD``, computed once per probability map (read only)."""
+        """Bool (H, W) ``prob > MASK_THRESHOLD`` (as the evaluation binarises), computed once per probability map (read only)."""
         if self._mask_of is not self.prob:
-            self._mask, self._mask_of = self.prob >= MASK_THRESHOLD, self.prob
+            self._mask, self._mask_of = self.prob > MASK_THRESHOLD, self.prob
             self._mask.flags.writeable = False
         return self._mask
 
@@ -321,7 +321,7 @@ class ObjectTracker:
         mask = carried.mask
         if click.is_positive and mask.any() and not mask[int(round(click.y)), int(round(click.x))]:
             alone = self._run([click], None)
-            if not same_object(alone >= MASK_THRESHOLD, mask):
+            if not same_object(alone > MASK_THRESHOLD, mask):
                 return self._start(0, prompt, [click], None, history, prob=alone)
         carried.start = 0  # its earlier prompts are gone from the context: it now starts before index 0
         history.starts.append(0)

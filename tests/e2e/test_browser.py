@@ -34,7 +34,7 @@ pytestmark = pytest.mark.labelstudio
 CHROMIUM = os.environ.get("CHROMIUM") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-PAGE_TIMEOUT_MS = 120_000  # the editor's first load on a busy 2-core machine
+PAGE_TIMEOUT_MS = int(os.environ.get("E2E_PAGE_TIMEOUT_MS", "120000"))  # the editor's first load on a busy 2-core machine
 KEYPOINT_LABELS_INDEX = 1  # label blocks in config order: BrushLabels, KeyPointLabels, RectangleLabels
 
 

@@ -2,10 +2,11 @@
 
 Headless chromium (Playwright) in Label Studio 1.23.2's editor, on an image with three
 two-lobed objects. For each object: a positive click on one lobe, a second positive click in
-the part the mask missed (the other lobe, or the largest missed part), a negative click on the
-largest false part (or just outside the mask), then ✓ (Auto-Accept off; with it on every answer
-is accepted already). Then submit and read the annotation back through the API: three brush
-regions, each as good as the model alone on the same clicks.
+the part the mask missed (the other part, or the largest missed part), a negative click on the
+largest false part (or just outside the mask), then ✓ (Auto-Accept off). Then submit and read the
+annotation back through the API: three brush regions, each as good as the model alone on the
+same clicks. With Auto-Accept on, the lone-click contexts and what the editor then does are
+measured on one object.
 
 What the editor sends is recorded to ``artifacts/e2e/editor-calls-<mode>.json`` (the context of
 every click and what the backend logged about the task it received); screenshots go to
@@ -86,16 +87,25 @@ def error_centre(mask: np.ndarray, region: np.ndarray) -> Tuple[int, int] | None
     return int(row), int(col)
 
 
-def model_alone_iou(checkpoint, scene: ObjectsScene, clicks: List[Tuple[int, int, bool]], gt: np.ndarray) -> float:
-    """IoU of the served model, run in-process on the same clicks (pixel centres), with mask feedback."""
-    from model.clicks import Click
+def beside(mask: np.ndarray, start: Tuple[int, int], gap: int = 8) -> Tuple[int, int]:
+    """A background pixel ``gap`` pixels left of where ``mask`` ends on ``start``'s row (left of ``start``)."""
+    row, col = start
+    while col > 0 and mask[row, col]:
+        col -= 1
+    return row, max(0, col - gap)
+
+
+def model_alone_iou(checkpoint, scene: ObjectsScene, sent: List[Dict[str, Any]], gt: np.ndarray) -> float:
+    """IoU of the served model, run in-process on the clicks the editor sent (percent), with mask feedback."""
+    from backend.click_selection import to_click
     from model.predictor import MASK_THRESHOLD, ClickSegPredictor
 
     predictor = ClickSegPredictor.from_checkpoint(checkpoint, device="cpu")
     state = predictor.encode_image(scene.image)
     made, prob = [], None
-    for row, col, positive in clicks:
-        made.append(Click(float(row), float(col), positive))
+    for item in sent:
+        x, y = item["x"] / 100 * scene.width, item["y"] / 100 * scene.height
+        made.append(to_click(x, y, scene.height, scene.width, item["is_positive"] is not False))
         prob = predictor.predict(state, made, prev_mask=prob)
     return iou(prob >= MASK_THRESHOLD, gt)
 
@@ -124,9 +134,8 @@ def accept(page) -> None:
     button.wait_for(state="hidden")
 
 
-@pytest.mark.parametrize("auto_accept", [False, True], ids=["auto-accept-off", "auto-accept-on"])
-def test_three_objects_each_refined_by_its_clicks(label_studio, plain_backend, page, artifacts, e2e_checkpoint,  # noqa: F811
-                                                  model_trained, auto_accept):
+def open_task(page, label_studio, plain_backend, artifacts, auto_accept: bool):  # noqa: F811
+    """A new project with the three-object image, its task open in the editor; returns (scene, task id)."""
     mode = "on" if auto_accept else "off"
     scene = objects_scene()
     project = create_project(label_studio, f"e2e three objects, auto-accept {mode}", readme_label_config())
@@ -139,20 +148,30 @@ def test_three_objects_each_refined_by_its_clicks(label_studio, plain_backend, p
     page.wait_for_load_state("networkidle")
     set_toggle(page, "bottombar-auto-annotation-toggle", True)
     set_toggle(page, "bottombar-auto-accept-toggle", auto_accept)
+    return scene, task_id
+
+
+def test_three_objects_each_refined_by_its_clicks(label_studio, plain_backend, page, artifacts, e2e_checkpoint,  # noqa: F811
+                                                  model_trained):
+    auto_accept, mode = False, "off"
+    scene, task_id = open_task(page, label_studio, plain_backend, artifacts, auto_accept)
 
     calls: List[Dict[str, Any]] = []
     final: Dict[int, Dict[str, Any]] = {}
-    clicks_of: Dict[int, List[Tuple[int, int, bool]]] = {}
+    sent_of: Dict[int, List[Dict[str, Any]]] = {}  # per object: the keypoints the editor sent, in order
 
     def click(k: int, row: int, col: int, positive: bool) -> np.ndarray:
         context, answer = click_image(page, scene, row, col, negative=not positive)
         region = brush_regions(answer)[0]  # the object's region comes first (proposals follow)
-        calls.append({"object": k, "click": [row, col, positive], "context": [
-            {"x": r["value"]["x"], "y": r["value"]["y"], "is_positive": r.get("is_positive")} for r in context["result"]],
-            "answer_region_ids": [r["id"] for r in brush_regions(answer)]})
-        clicks_of.setdefault(k, []).append((row, col, positive))
+        sent = [{"x": r["value"]["x"], "y": r["value"]["y"], "is_positive": r.get("is_positive")}
+                for r in context["result"]]
+        mask = decode_brush(region)
+        calls.append({"object": k, "click": [row, col, positive], "context": sent,
+                      "answer_region_ids": [r["id"] for r in brush_regions(answer)],
+                      "iou": iou(mask, scene.labels == k)})
+        sent_of.setdefault(k, []).append(sent[-1])
         final[k] = region
-        return decode_brush(region)
+        return mask
 
     for k, (lobe_a, lobe_b) in enumerate(scene.lobes, start=1):
         gt = scene.labels == k
@@ -161,8 +180,8 @@ def test_three_objects_each_refined_by_its_clicks(label_studio, plain_backend, p
         second = missed if missed is not None else lobe_b
         mask = click(k, *second, True)
         false = error_centre(mask, mask & ~gt)
-        if false is None:  # nothing false: a negative click just outside the object, beside its first lobe
-            false = (lobe_a[0], max(0, lobe_a[1] - 45))
+        if false is None:
+            false = beside(mask, lobe_a)
         click(k, *false, False)
         page.screenshot(path=str(artifacts / f"objects-{mode}-{k}.png"))
         if not auto_accept:
@@ -175,6 +194,8 @@ def test_three_objects_each_refined_by_its_clicks(label_studio, plain_backend, p
     received = [r for r in plain_backend.log_records() if r.get("message") == "interactive prediction"
                 and r.get("task") == task_id]
     (artifacts / f"editor-calls-{mode}.json").write_text(json.dumps({"calls": calls, "backend": received}, indent=1))
+    # What the editor sends: with Auto-Accept off it keeps the object's keypoints until ✓, on it keeps none.
+    assert [len(c["context"]) for c in calls] == ([1, 2, 3] * 3 if not auto_accept else [1] * 9), calls
 
     brushes = [r for r in annotations[0]["result"] if r["type"] == "brushlabels"]
     assert len(brushes) == 3, f"expected one brush region per object, got {[b['id'] for b in brushes]}"
@@ -183,6 +204,40 @@ def test_three_objects_each_refined_by_its_clicks(label_studio, plain_backend, p
         assert final[k]["id"] in submitted, f"object {k}'s region {final[k]['id']} is not in the annotation"
         gt = scene.labels == k
         got = iou(submitted[final[k]["id"]], gt)
-        alone = model_alone_iou(e2e_checkpoint, scene, clicks_of[k], gt)
+        alone = model_alone_iou(e2e_checkpoint, scene, sent_of[k], gt)
         if model_trained:
             assert got >= alone - IOU_SLACK, f"object {k}: IoU {got:.3f} through the editor, {alone:.3f} model alone"
+
+
+def test_auto_accept_on_sends_lone_clicks_that_refine_the_object(label_studio, plain_backend, page, artifacts):  # noqa: F811
+    """Auto-Accept on: the editor deletes the keypoints after every answer, so each request holds one.
+
+    The second click, in the part the first mask missed, refines the same region (rule 3). Label
+    Studio 1.23.2's editor then creates no keypoint for any further click on the task (its console
+    logs mobx-state-tree "no longer part of a state tree" errors for the replaced region): measured
+    here, so that the README's advice (Auto-Accept off) is re-checked when Label Studio changes.
+    """
+    scene, task_id = open_task(page, label_studio, plain_backend, artifacts, auto_accept=True)
+    lobe_a, lobe_b = scene.lobes[0]
+    gt = scene.labels == 1
+    context, answer = click_image(page, scene, *lobe_a)
+    first = brush_regions(answer)[0]
+    missed = error_centre(decode_brush(first), gt & ~decode_brush(first)) or lobe_b
+    second_context, answer = click_image(page, scene, *missed)
+    second = brush_regions(answer)[0]
+    page.screenshot(path=str(artifacts / "objects-on-2-clicks.png"))
+    assert len(context["result"]) == 1 and len(second_context["result"]) == 1, "the editor kept keypoints"
+    assert second["id"] == first["id"], "the click in the missed part started a new object"
+    logged = [r for r in plain_backend.log_records() if r.get("message") == "interactive prediction"
+              and r.get("task") == task_id]
+    assert [r["object_clicks"] for r in logged] == [1, 2]
+
+    with pytest.raises(Exception, match="Timeout"):  # the editor's limitation; see the docstring
+        with page.expect_response(lambda r: "/interactive-annotating" in r.url, timeout=20_000):
+            page.mouse.click(*canvas_point(page, scene, *lobe_b))
+
+
+def canvas_point(page, scene, row: int, col: int) -> Tuple[float, float]:
+    stage = page.locator(".konvajs-content").first.bounding_box()
+    return (stage["x"] + (col + 0.5) / scene.width * stage["width"],
+            stage["y"] + (row + 0.5) / scene.height * stage["height"])

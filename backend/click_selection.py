@@ -46,7 +46,8 @@ from scipy import ndimage
 from model.clicks import Click
 from model.predictor import MASK_THRESHOLD
 
-from .payload import BrushRegion, Prompt
+from .exemplars import Exemplar
+from .payload import Prompt
 from .proposals import BoxMask, ObjectProposals
 from .rle import rle_to_mask
 
@@ -192,7 +193,7 @@ class RegionMasks:
     in the task are dropped by ``prune``. A corrupt RLE is logged and ignored.
     """
 
-    def __init__(self, regions: Sequence[BrushRegion], cache: Optional[Dict[RegionKey, Optional[BoxMask]]] = None):
+    def __init__(self, regions: Sequence[Exemplar], cache: Optional[Dict[RegionKey, Optional[BoxMask]]] = None):
         self.regions = list(regions)
         self.cache = {} if cache is None else cache
         self._keys = [(r.region_id, r.width, r.height, hash(r.rle)) for r in self.regions]

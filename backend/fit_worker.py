@@ -39,7 +39,7 @@ from PIL import Image
 
 from .config import Settings
 from .errors import BackendError, ImageAccessError
-from .exemplars import project_key
+from .exemplars import Exemplar, entry_regions, project_key
 from .images import ImageFetcher
 from .labelstudio_api import LabelStudioApiError, ProjectExport, fetch_project
 from .logging_setup import configure_logging
@@ -80,19 +80,13 @@ class TrainingData:
         self.skipped.append({"task": task, "annotation": annotation, "region": region, "reason": reason})
 
 
-def _brush_results(annotation: Mapping[str, Any]) -> Tuple[List[Mapping[str, Any]], List[str]]:
-    """(brush RLE regions, types of the other results) of one annotation."""
+def _brush_regions(annotation: Mapping[str, Any], problems: List[str]) -> Tuple[List[Exemplar], List[str]]:
+    """(brush regions, as the exemplar store reads them, types of the other results) of one annotation."""
+    source = f"annotation:{annotation.get('id')}"
     results = annotation.get("result")
-    brushes, others = [], []
-    for result in results if isinstance(results, list) else []:
-        if not isinstance(result, Mapping):
-            continue
-        value = result.get("value")
-        if result.get("type") == "brushlabels" and isinstance(value, Mapping) and value.get("format") == "rle":
-            brushes.append(result)
-        else:
-            others.append(str(result.get("type")))
-    return brushes, others
+    others = [str(r.get("type")) for r in results if isinstance(r, Mapping) and r.get("type") != "brushlabels"] \
+        if isinstance(results, list) else []
+    return entry_regions(annotation, source, None, problems), others
 
 
 def _image_url(task: Mapping[str, Any], image_fields: Mapping[str, str], to_name: Any) -> Optional[str]:
@@ -139,7 +133,7 @@ def objects_from_tasks(export: ProjectExport, fetcher: ImageFetcher, max_side: i
         if not annotations:
             continue
         found.counts["annotated_tasks"] += 1
-        regions: List[Tuple[Any, Mapping[str, Any]]] = []
+        regions: List[Tuple[Any, Exemplar]] = []
         for annotation in annotations:
             found.counts["annotations"] += 1
             annotation_id = annotation.get("id")
@@ -147,16 +141,19 @@ def objects_from_tasks(export: ProjectExport, fetcher: ImageFetcher, max_side: i
                 found.counts["cancelled_annotations"] += 1
                 found.skip("the annotation was cancelled (skipped by the annotator)", task_id, annotation_id)
                 continue
-            brushes, others = _brush_results(annotation)
+            problems: List[str] = []
+            brushes, others = _brush_regions(annotation, problems)
+            for problem in problems:
+                found.skip(problem, task_id, annotation_id)
             if not brushes:
                 what = f"only {', '.join(sorted(set(others)))} results" if others else "an empty result"
                 found.skip(f"the annotation has no brush regions ({what})", task_id, annotation_id)
                 continue
             regions.extend((annotation_id, brush) for brush in brushes)
         found.counts["brush_regions"] += len(regions)
-        by_image: Dict[Optional[str], List[Tuple[Any, Mapping[str, Any]]]] = OrderedDict()
+        by_image: Dict[Optional[str], List[Tuple[Any, Exemplar]]] = OrderedDict()
         for annotation_id, brush in regions:
-            by_image.setdefault(_image_url(task, image_fields, brush.get("to_name")), []).append((annotation_id, brush))
+            by_image.setdefault(_image_url(task, image_fields, brush.to_name), []).append((annotation_id, brush))
         for url, image_regions in by_image.items():
             _add_image_objects(found, fetcher, export.project, task_id, url, image_regions, max_side, ObjectSample)
     found.counts["objects"] = len(found.objects)
@@ -164,7 +161,7 @@ def objects_from_tasks(export: ProjectExport, fetcher: ImageFetcher, max_side: i
 
 
 def _add_image_objects(found: TrainingData, fetcher: ImageFetcher, project: int, task_id: Any, url: Optional[str],
-                       regions: Sequence[Tuple[Any, Mapping[str, Any]]], max_side: int, sample_type) -> None:
+                       regions: Sequence[Tuple[Any, Exemplar]], max_side: int, sample_type) -> None:
     if url is None:
         found.skip(f"the task data has no image URL for {len(regions)} brush region(s)", task_id)
         return
@@ -177,15 +174,15 @@ def _add_image_objects(found: TrainingData, fetcher: ImageFetcher, project: int,
     height, width = image.shape[:2]
     small, new_size = _downscale(image, max_side)
     for annotation_id, brush in regions:
-        region_id = brush.get("id")
+        region_id = brush.region_id
         where = dict(task=task_id, annotation=annotation_id, region=region_id)
-        mask_w, mask_h = brush.get("original_width"), brush.get("original_height")
+        mask_w, mask_h = brush.width, brush.height
         if (mask_w, mask_h) != (width, height):
             found.skip(f"the brush mask is {mask_w}x{mask_h} (original_width x original_height) but the image "
                        f"is {width}x{height}", **where)
             continue
         try:
-            mask = rle_to_mask(brush["value"].get("rle"), height, width)
+            mask = rle_to_mask(list(brush.rle), height, width)
         except (ValueError, TypeError) as exc:
             found.skip(f"the brush RLE cannot be decoded ({exc})", **where)
             continue

@@ -7,9 +7,8 @@ Shapes follow Label Studio 1.23 (see ``shared/reference/label-studio-1.23.2-call
   "value": {"x", "y", "keypointlabels": [label]}, "is_positive": bool (absent = positive),
   "original_width", "original_height", "id"}``; ``rectanglelabels`` items carry
   ``value.{x, y, width, height, rotation}`` (percent of the image).
-- brush regions in ``task.annotations[].result`` / ``task.drafts[].result``:
-  ``{"type": "brushlabels", "to_name", "value": {"format": "rle", "rle", "brushlabels"},
-  "original_width", "original_height", "id"}``.
+- brush regions in ``task.annotations[].result`` / ``task.drafts[].result`` are read by
+  ``backend.exemplars.regions_from_task`` (one reader, one set of rules).
 """
 from __future__ import annotations
 
@@ -221,17 +220,6 @@ def current_group(prompts: Sequence[Prompt]) -> List[Prompt]:
 # --- task ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BrushRegion:
-    """A brush mask already in the task (an annotation's or a draft's), still RLE-encoded."""
-
-    region_id: str
-    width: int
-    height: int
-    rle: Tuple[int, ...]
-    labels: Tuple[str, ...] = ()  # value.brushlabels
-
-
 def task_id(task: Mapping[str, Any], where: str) -> int:
     value = task.get("id")
     if isinstance(value, bool) or not isinstance(value, int):
@@ -251,41 +239,6 @@ def task_image_url(task: Mapping[str, Any], config: LabelConfig, image: str, whe
     if not isinstance(url, str) or not url.strip():
         raise bad_request(f"{where}.data.{field_name} must be a non-empty image URL string, got {url!r}")
     return url
-
-
-def finished_brush_regions(task: Mapping[str, Any], image: str, label: Optional[str]) -> List[BrushRegion]:
-    """Brush regions with ``label`` (None: any label) on ``image`` in the task's annotations (all users) and drafts.
-
-    Malformed regions are skipped: they are someone else's saved data, not this request's input.
-    """
-    regions = []
-    for source in ("annotations", "drafts"):
-        entries = task.get(source) or []
-        if not isinstance(entries, list):
-            continue
-        for entry in entries:
-            results = entry.get("result") if isinstance(entry, Mapping) else None
-            for result in results if isinstance(results, list) else []:
-                region = _brush_region(result, image, label)
-                if region is not None:
-                    regions.append(region)
-    return regions
-
-
-def _brush_region(result: Any, image: str, label: Optional[str]) -> Optional[BrushRegion]:
-    if not isinstance(result, Mapping) or result.get("type") != "brushlabels" or result.get("to_name") != image:
-        return None
-    value = result.get("value")
-    if not isinstance(value, Mapping) or value.get("format") != "rle" or not isinstance(value.get("rle"), list):
-        return None
-    labels = value.get("brushlabels") or []
-    if label is not None and label not in labels:
-        return None
-    width, height = result.get("original_width"), result.get("original_height")
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-        return None
-    names = tuple(name for name in labels if isinstance(name, str)) if isinstance(labels, list) else ()
-    return BrushRegion(str(result.get("id", "")), width, height, tuple(value["rle"]), names)
 
 
 def as_object(body: Any, where: str) -> Dict[str, Any]:

@@ -41,13 +41,12 @@ from model.predictor import ClickSegPredictor, ImageState
 from .click_selection import ClickHistory, ObjectTracker, RegionMasks, TrackedObject
 from .config import Settings
 from .errors import BackendError
-from .exemplars import SQLiteExemplarStore, project_key, regions_from_task, regions_from_webhook
+from .exemplars import SQLiteExemplarStore, TaskRegions, project_key, regions_from_task, regions_from_webhook
 from .images import ImageFetcher
 from .payload import (
     Prompt,
     bad_request,
     current_group,
-    finished_brush_regions,
     parse_context,
     parse_label_config,
     task_id,
@@ -290,18 +289,21 @@ class ClickSegModel:
         brush_control, brush_label = config.brush_output(newest.image, newest.label)
         tid = task_id(task, "tasks[0]")
         url = task_image_url(task, config, newest.image, "tasks[0]")
-        regions = finished_brush_regions(task, newest.image, brush_label)
+        known_project = normalized_project(project or task.get("project"))
+        task_regions = regions_from_task(task, known_project or "0")  # task id checked above
+        regions = task_regions.on_image(newest.image, brush_label)
         predictor = self.predictor_for(project or task.get("project"))
         version = predictor.model_version
         recall_on = self.settings.recall and bool(getattr(predictor, "has_recall", False))
         # With recall, accepted regions of every label on the image are kept out of proposals.
-        accepted_regions = finished_brush_regions(task, newest.image, None) if recall_on else regions
+        accepted_regions = task_regions.on_image(newest.image) if recall_on else regions
 
         # Sessions hold the model's image features: one model version never reads another's.
         key = (project, tid, url, version)
         project_id = task.get("project") if isinstance(task.get("project"), int) else None
         session = self.sessions.get_or_create(key, lambda: self._open_session(predictor, url, tid, project_id))
-        self._sync_exemplars(task, project, session.image_state)
+        if known_project is not None:
+            self._sync_exemplars(task_regions, session.image_state)
         with session.lock:
             state = session.image_state
             group = (newest.image, newest.label)
@@ -471,15 +473,15 @@ class ClickSegModel:
             with self._recall_warmer_lock:
                 self._recall_warming.discard(key)
 
-    def _sync_exemplars(self, task: Mapping[str, Any], project: str, state: ImageState) -> None:
+    def _sync_exemplars(self, task_regions: TaskRegions, state: ImageState) -> None:
         """Store the task's accepted brush masks (annotations, drafts); never fails the request."""
         store = self.exemplars
         if store is None:
             return
         try:
-            store.sync_task(regions_from_task(task, project or None), image_size=(state.height, state.width))
+            store.sync_task(task_regions, image_size=(state.height, state.width))
         except (ValueError, sqlite3.Error) as exc:
-            log.warning("exemplar sync skipped", extra={"task": task.get("id"), "reason": str(exc)})
+            log.warning("exemplar sync skipped", extra={"task": task_regions.task_id, "reason": str(exc)})
 
     def _open_session(self, predictor: ClickSegPredictor, url: str, tid: int, project_id: Optional[int]) -> TaskSession:
         started = time.perf_counter()

@@ -13,7 +13,8 @@ import pytest
 from backend import click_selection
 from backend.app import create_app
 from backend.config import Settings
-from backend.payload import BrushRegion, parse_label_config, parse_prompt
+from backend.exemplars import Exemplar
+from backend.payload import parse_label_config, parse_prompt
 from backend.service import ClickSegModel
 from test_server_support import (
     API_KEY,
@@ -236,7 +237,7 @@ def test_saved_masks_are_decoded_once_per_task(backend, monkeypatch):
 
 
 def test_region_cache_forgets_regions_the_task_no_longer_has():
-    regions = [BrushRegion(name, 160, 120, tuple(brush_result(MASKS[name], name)["value"]["rle"]))
+    regions = [Exemplar("draft:1", name, ("Object",), 120, 160, bytes(brush_result(MASKS[name], name)["value"]["rle"]))
                for name in ("A", "C")]
     cache = {}
     first = click_selection.RegionMasks(regions, cache)

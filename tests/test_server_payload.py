@@ -6,7 +6,6 @@ import pytest
 from backend.errors import BackendError
 from backend.payload import (
     current_group,
-    finished_brush_regions,
     parse_context,
     parse_label_config,
     task_image_url,
@@ -109,15 +108,21 @@ def test_task_image_field_missing_or_empty_is_a_400():
 
 
 def test_finished_regions_come_from_annotations_and_drafts_with_the_label():
+    """Click selection reads the task's regions with the exemplar store's rules (one reader)."""
+    from backend.exemplars import regions_from_task
+
     def brush(region_id, label, to_name="image"):
         return {"id": region_id, "type": "brushlabels", "to_name": to_name, "from_name": "tag",
                 "original_width": 4, "original_height": 3,
                 "value": {"format": "rle", "rle": [0, 1, 2], "brushlabels": [label]}}
     task = {
-        "annotations": [{"result": [brush("a1", "Object"), brush("a2", "Car")]}],
-        "drafts": [{"result": [brush("d1", "Object"), brush("d2", "Object", to_name="other"),
-                               {"type": "keypointlabels", "value": {"x": 1, "y": 1}}]}],
+        "id": 7, "project": 1,
+        "annotations": [{"id": 1, "result": [brush("a1", "Object"), brush("a2", "Car")]},
+                        {"id": 2, "was_cancelled": True, "result": [brush("skipped", "Object")]}],
+        "drafts": [{"id": 3, "result": [brush("d1", "Object"), brush("d2", "Object", to_name="other"),
+                                        {"type": "keypointlabels", "value": {"x": 1, "y": 1}}]}],
     }
-    regions = finished_brush_regions(task, "image", "Object")
-    assert [r.region_id for r in regions] == ["a1", "d1"]
-    assert (regions[0].width, regions[0].height, regions[0].rle) == (4, 3, (0, 1, 2))
+    regions = regions_from_task(task).on_image("image", "Object")
+    assert [r.region_id for r in regions] == ["a1", "d1"]  # not the cancelled annotation's
+    assert (regions[0].width, regions[0].height, regions[0].rle) == (4, 3, bytes([0, 1, 2]))
+    assert [r.region_id for r in regions_from_task(task).on_image("image")] == ["a1", "a2", "d1"]

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from model.clicks import Click, Clicker, iou
-from model.evaluate import EvalResult, ObjectResult, load_run, write_outputs
+from model.evaluate import EvalResult, ObjectResult, load_run, report
 
 from .rle import rle_to_mask
 
@@ -306,9 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "checkpoint": args.checkpoint, "cfr_steps": args.cfr_steps,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
-    json_path, png_path, table = write_outputs(result, args.out_dir, compare)
-    print(table)
-    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+    report(result, args.out_dir, compare)
     return 0
 
 

@@ -294,6 +294,13 @@ def write_outputs(result: EvalResult, out_dir: str | Path, compare: Sequence[Run
     return json_path, png_path, format_table(runs)
 
 
+def report(result: EvalResult, out_dir: str | Path, compare: Sequence[Run] = ()) -> None:
+    """Write the JSON and plot, print the table (stdout) and where they went (stderr)."""
+    json_path, png_path, table = write_outputs(result, out_dir, compare)
+    print(table)
+    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -364,9 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
-    json_path, png_path, table = write_outputs(result, args.out_dir, compare)
-    print(table)
-    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+    report(result, args.out_dir, compare)
     return 0
 
 

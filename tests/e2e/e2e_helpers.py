@@ -41,14 +41,10 @@ def readme_label_config() -> str:
 # --- the synthetic scene ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Scene:
-    """One clear object on a textured background: ``image`` (H, W, 3) uint8, ``mask`` (H, W) bool."""
+class ImageScene:
+    """What a test image offers: its size and PNG bytes (subclasses hold ``image`` (H, W, 3) uint8)."""
 
     image: np.ndarray
-    mask: np.ndarray
-    centre: Tuple[int, int]  # (row, col) of the object's centre
-    radius: int
 
     @property
     def height(self) -> int:
@@ -62,6 +58,16 @@ class Scene:
         buffer = io.BytesIO()
         Image.fromarray(self.image).save(buffer, format="PNG")
         return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Scene(ImageScene):
+    """One clear object on a textured background: ``image`` (H, W, 3) uint8, ``mask`` (H, W) bool."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    centre: Tuple[int, int]  # (row, col) of the object's centre
+    radius: int
 
 
 def synthetic_scene(seed: int = 0, height: int = 240, width: int = 320) -> Scene:

@@ -85,6 +85,16 @@ def set_toggle(page, test_id: str, on: bool) -> None:
     raise AssertionError(f"the editor's {test_id} did not turn {'on' if on else 'off'}")
 
 
+def open_in_editor(page, label_studio: LabelStudio, project_id: int, task_id: int, auto_accept: bool) -> None:
+    """Log in, open the task in the editor, Auto-Annotation on, Auto-Accept as asked."""
+    log_in(page, label_studio)
+    page.goto(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
+    page.locator(".konvajs-content").first.wait_for()
+    page.wait_for_load_state("networkidle")
+    set_toggle(page, "bottombar-auto-annotation-toggle", True)
+    set_toggle(page, "bottombar-auto-accept-toggle", auto_accept)
+
+
 def choose_smart_keypoint(page) -> None:
     """The smart tools share one toolbar button that cycles through them; then select the keypoint label."""
     smart_keypoint = page.locator("button[aria-label=key-point-tool].lsf-tool_smart.lsf-tool_active")
@@ -125,12 +135,7 @@ def test_a_click_in_the_editor_segments_the_object_and_a_negative_click_refines_
     connect_backend(label_studio, project, backend.url, "clickseg (browser)")
     task_id, _ = upload_image(label_studio, project, scene)
 
-    log_in(page, label_studio)
-    page.goto(f"{label_studio.url}/projects/{project.id}/data?task={task_id}")
-    page.locator(".konvajs-content").first.wait_for()
-    page.wait_for_load_state("networkidle")
-    set_toggle(page, "bottombar-auto-annotation-toggle", True)
-    set_toggle(page, "bottombar-auto-accept-toggle", False)
+    open_in_editor(page, label_studio, project.id, task_id, auto_accept=False)
 
     # A positive click on the object.
     row, col = scene.centre

@@ -1,7 +1,7 @@
-"""Three objects annotated in a real browser, with Auto-Accept off and on (issue: every click refines its object).
+"""Three objects annotated in a real browser, with Auto-Accept off and on (every click refines its object).
 
 Headless chromium (Playwright) in Label Studio 1.23.2's editor, on an image with three
-two-lobed objects. For each object: a positive click on one lobe, a second positive click in
+objects in two parts each. For each object: a positive click on one lobe, a second positive click in
 the part the mask missed (the other part, or the largest missed part), a negative click on the
 largest false part (or just outside the mask), then ✓ (Auto-Accept off). Then submit and read the
 annotation back through the API: three brush regions, each as good as the model alone on the
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from e2e_helpers import brush_regions, connect_backend, create_project, decode_brush, iou, readme_label_config, wait_for
+from e2e_helpers import ImageScene, brush_regions, connect_backend, create_project, decode_brush, iou, readme_label_config, wait_for
 from e2e_harness import LabelStudio, start_backend, stop_process
-from test_browser import click_image, log_in, page, set_toggle  # noqa: F401 (page is a fixture)
+from test_browser import click_image, open_in_editor, page  # noqa: F401 (page is a fixture)
 
 pytestmark = pytest.mark.labelstudio
 
@@ -32,33 +32,16 @@ IOU_SLACK = 0.02  # the editor's percent coordinates may move a click by a fract
 
 
 @dataclass(frozen=True)
-class ObjectsScene:
-    """Three two-lobed objects on a textured background; ``labels`` (H, W) int, 0 = background, k = object k."""
+class ObjectsScene(ImageScene):
+    """Three objects of two parts each on a textured background; ``labels`` (H, W) int, 0 = background, k = object k."""
 
     image: np.ndarray
     labels: np.ndarray
     lobes: Tuple[Tuple[Tuple[int, int], Tuple[int, int]], ...]  # per object: (row, col) of its two lobe centres
 
-    @property
-    def height(self) -> int:
-        return self.image.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.image.shape[1]
-
-    def png(self) -> bytes:
-        import io
-
-        from PIL import Image
-
-        buffer = io.BytesIO()
-        Image.fromarray(self.image).save(buffer, format="PNG")
-        return buffer.getvalue()
-
 
 def objects_scene(seed: int = 7, height: int = 300, width: int = 480) -> ObjectsScene:
-    """Each object: two overlapping disks of two hues (a 'peanut'), far from the others."""
+    """Each object: two disks of two hues with a gap of about 19 px (a first click may get one part), far from the others."""
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.stack([70 + 30 * np.sin(cols / 9.0), 95 + 25 * np.sin((rows + cols) / 17.0),
@@ -142,12 +125,7 @@ def open_task(page, label_studio, plain_backend, artifacts, auto_accept: bool): 
     connect_backend(label_studio, project, plain_backend.url, f"clickseg (objects, {mode})")
     task_id = upload(label_studio, project, scene)
 
-    log_in(page, label_studio)
-    page.goto(f"{label_studio.url}/projects/{project.id}/data?task={task_id}")
-    page.locator(".konvajs-content").first.wait_for()
-    page.wait_for_load_state("networkidle")
-    set_toggle(page, "bottombar-auto-annotation-toggle", True)
-    set_toggle(page, "bottombar-auto-accept-toggle", auto_accept)
+    open_in_editor(page, label_studio, project.id, task_id, auto_accept)
     return scene, task_id
 
 

@@ -120,9 +120,21 @@ def anchor_point(prompt: Prompt, height: int, width: int) -> Tuple[float, float]
     return float(cx), float(cy)
 
 
+PIXEL_CENTRE_SNAP = 1e-6  # percent coordinates lose ~1e-13 of a pixel on the way through Label Studio
+
+
 def to_click(x: float, y: float, height: int, width: int, is_positive: bool) -> Click:
-    """Click at continuous coordinates (pixel i spans [i, i+1)) in the predictor's pixel-centre convention."""
-    return Click(float(np.clip(y - 0.5, 0, height - 1)), float(np.clip(x - 0.5, 0, width - 1)), is_positive)
+    """Click at continuous coordinates (pixel i spans [i, i+1)) in the predictor's pixel-centre convention.
+
+    A click within ``PIXEL_CENTRE_SNAP`` of a pixel centre is put on it, so the model sees the
+    same click as for that pixel (float noise can move a zoom-in box edge by a pixel).
+    """
+    def centred(value: float, size: int) -> float:
+        value = float(np.clip(value - 0.5, 0, size - 1))
+        nearest = round(value)
+        return float(nearest) if abs(value - nearest) < PIXEL_CENTRE_SNAP else value
+
+    return Click(centred(y, height), centred(x, width), is_positive)
 
 
 def box_prompt_clicks(prompt: Prompt, height: int, width: int) -> Tuple[List[Click], PixelBox]:

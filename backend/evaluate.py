@@ -307,7 +307,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
     report(result, args.out_dir, compare)
+    for run in compare:
+        print(agreement(result.summary(), run))
     return 0
+
+
+def agreement(summary: Mapping[str, Any], run: Any) -> str:
+    """How this run's numbers agree with a compared run's (e.g. ``model.evaluate`` on the same objects)."""
+    ours, theirs = np.asarray(summary["miou_curve"]), np.asarray(run.summary["miou_curve"])
+    k = min(len(ours), len(theirs))
+    noc = all(summary[f"noc@{t}"] == run.summary[f"noc@{t}"] for t in (85, 90, 95))
+    return (f"vs {run.label}: NoC@85/90/95 {'identical' if noc else 'differ'}; "
+            f"max |mIoU@k difference| over k = 1..{k}: {float(np.abs(ours[:k] - theirs[:k]).max()):.4f}")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,13 @@ def test_a_scene_needs_three_objects_on_one_image(tmp_path, objects):
     post, image_url = protocol.wsgi_target({"MODEL_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"})
     with pytest.raises(ValueError, match="3 objects"):
         protocol.evaluate_scenes(post, objects[:2], image_url)
+
+
+def test_a_keypoint_near_a_pixel_centre_is_snapped_to_it():
+    """Percent coordinates carry float noise; the model must see the clicked pixel itself."""
+    from backend.click_selection import to_click
+
+    for col in range(0, 481):
+        x = (col + 0.5) / 481 * 100 / 100 * 481
+        assert to_click(x, x, 481, 481, True).x == float(col)
+    assert to_click(10.75, 3.5, 20, 20, True).x == 10.25  # a click off the centre stays where it is

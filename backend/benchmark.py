@@ -127,7 +127,7 @@ def benchmark_size(size: Tuple[int, int], repeats: int, checkpoint: Optional[str
         deadline = time.monotonic() + 120
         for task_id in (1, 2):
             key = (PROJECT, task_id, IMAGE_URL, service.predictor.model_version)
-            while time.monotonic() < deadline and service.sessions.cache.get(key).image_state.recall_features is None:
+            while time.monotonic() < deadline and service.interactive.sessions.cache.get(key).image_state.recall_features is None:
                 time.sleep(0.05)
         post(False), post(True)  # warm-up of both paths
         plain, recall, found = [], [], []

@@ -35,10 +35,11 @@ every 5 s). The rule (also in the README):
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -54,7 +55,6 @@ from .rle import rle_to_mask
 log = logging.getLogger(__name__)
 
 GroupKey = Tuple[str, Optional[str]]  # (Image tag name, label)
-PredictFn = Callable[[List[Click], Optional[np.ndarray]], np.ndarray]  # (clicks, prev prob) -> prob (H, W)
 PixelBox = Tuple[int, int, int, int]  # half-open (y0, y1, x0, x1)
 
 SAME_OBJECT_OVERLAP = 0.5  # share of the smaller mask that must overlap to count as the same object
@@ -256,6 +256,20 @@ def first_active_index(prompts: Sequence[Prompt], regions: RegionMasks, excluded
 # --- rules 3 and 4 ---------------------------------------------------------------------------
 
 
+class ImagePredictor(Protocol):
+    """The model on one task's image (``backend.interactive.ImageModel``)."""
+
+    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray]) -> np.ndarray:
+        """Probability map float32 (H, W) of ``clicks`` (full-image pixels), ``prev_prob`` fed back."""
+
+
+def object_id(namespace: Tuple[str, int], prompt: Prompt) -> str:
+    """Stable 10-hex-digit region id of the object that ``prompt`` starts in task ``namespace`` (project, task)."""
+    project, task = namespace
+    digest = hashlib.sha1(repr((project, task, prompt.image, prompt.label, prompt.key)).encode()).hexdigest()
+    return digest[:10]
+
+
 def _common_prefix(a: Sequence, b: Sequence) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -268,15 +282,15 @@ def _common_prefix(a: Sequence, b: Sequence) -> int:
 class ObjectTracker:
     """Applies the rule to one request: ``segment(history, prompts, regions)`` -> current object.
 
-    ``predict(clicks, prev_prob)`` runs the model on this task's image; ``object_id(prompt)``
-    names the object that ``prompt`` starts (stable, so Label Studio replaces a region it
-    already holds instead of stacking a new one).
+    ``model.predict(clicks, prev_prob)`` runs the model on this task's image; ``namespace``
+    (project, task) makes region ids stable (``object_id``), so Label Studio replaces a region
+    it already holds instead of stacking a new one.
     """
 
-    def __init__(self, height: int, width: int, predict: PredictFn, object_id: Callable[[Prompt], str]):
+    def __init__(self, height: int, width: int, model: ImagePredictor, namespace: Tuple[str, int]):
         self.height, self.width = height, width
-        self._predict = predict
-        self._object_id = object_id
+        self._model = model
+        self._namespace = namespace
         self.predictions = 0  # model calls made by this tracker (for logs and tests)
 
     def segment(self, history: ClickHistory, prompts: Sequence[Prompt], regions: RegionMasks) -> TrackedObject:
@@ -345,7 +359,7 @@ class ObjectTracker:
         history.starts.append(index)
         if prob is None:
             prob = self._run(clicks, None)
-        return TrackedObject(index, self._object_id(prompt), clicks, apply_crop(prob, crop), crop)
+        return TrackedObject(index, object_id(self._namespace, prompt), clicks, apply_crop(prob, crop), crop)
 
     def _refine(self, current: TrackedObject, click: Click) -> TrackedObject:
         current.clicks = current.clicks + [click]
@@ -356,4 +370,4 @@ class ObjectTracker:
 
     def _run(self, clicks: List[Click], prev_prob: Optional[np.ndarray]) -> np.ndarray:
         self.predictions += 1
-        return self._predict(clicks, prev_prob)
+        return self._model.predict(clicks, prev_prob)

@@ -247,14 +247,6 @@ class StatusWriter:
 # --- evaluation and training ----------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def evaluate_checkpoint(path: Path, objects: Sequence[Any], settings: Settings, device: str) -> Dict[str, Any]:
     """NoC@85/90, NoF and mIoU of the checkpoint on ``objects`` with the standard clicker."""
     from model.evaluate import evaluate_objects
@@ -300,12 +292,12 @@ def fit_settings_dict(settings: Settings) -> Dict[str, Any]:
 
 def run_job(settings: Settings, project: str, status: StatusWriter, setup_token: Optional[str] = None) -> Dict[str, Any]:
     """The whole job (see the module docstring); returns the final status. Raises on failure."""
-    from model.checkpoint import read_header, save_checkpoint
+    from model.checkpoint import read_header, resolve_device, save_checkpoint
     from model.train import ObjectSource, Trainer, TrainConfig
 
     fit = settings.fit
     paths = ProjectPaths(settings.model_dir, project)
-    device = resolve_device(settings.device)
+    device = str(resolve_device(settings.device))
     timings: Dict[str, float] = {}
     clock = time.perf_counter()
 

@@ -21,6 +21,13 @@ from .registry import create_model, resolve_config
 FORMAT_VERSION = "ls-clickseg/1"
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name as given (call after forking)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def save_checkpoint(
     net: nn.Module,
     path: str | os.PathLike,

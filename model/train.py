@@ -31,7 +31,7 @@ import yaml
 from scipy.ndimage import distance_transform_edt
 
 from .augment import AugmentConfig, color_jitter, object_crop, suem_copy_paste
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
 from .clicks import IGNORE_VALUE, Click, encode_click_maps
 from .data import ObjectRef, ObjectSample, parse_dataset_spec
 from .losses import LOSSES
@@ -259,12 +259,6 @@ def click_maps_batch(clicks: Sequence[Sequence[Click]], prev: torch.Tensor) -> t
 
 
 # --- the trainer --------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def build_network(config: TrainConfig) -> nn.Module:
     if config.init in ("imagenet", "scratch"):

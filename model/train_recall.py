@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 from scipy import ndimage
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
 from .clicks import IGNORE_VALUE, Click, encode_click_maps
 from .data import bsds500_refs
 from .effnet_lite import imagenet_state_dict
@@ -34,7 +34,7 @@ from .losses import LOSSES
 from .recall import RECALL_CLICK_RADIUS
 from .registry import create_model
 from .scenes import IGNORE_INSTANCE, Scene, SyntheticScenes, WgisdScenes
-from .train import _build_dataclass, _set_dotted, next_click_from_errors, resolve_device
+from .train import _build_dataclass, _set_dotted, next_click_from_errors
 
 log = logging.getLogger("model.train_recall")
 

@@ -142,7 +142,7 @@ class Backend:
 
     @property
     def session(self):
-        return self.model.sessions.cache.get((PROJECT, 1, IMAGE_URL, self.predictor.model_version))
+        return self.model.interactive.sessions.cache.get((PROJECT, 1, IMAGE_URL, self.predictor.model_version))
 
     def wait_for_warm_up(self, timeout=60.0):
         """Wait until the background thread has stored the session's recall features and re-measured it."""
@@ -150,7 +150,7 @@ class Backend:
         while time.monotonic() < deadline:
             session = self.session
             if session.image_state.recall_features is not None and \
-                    self.model.sessions.cache.total_bytes == session.nbytes:
+                    self.model.interactive.sessions.cache.total_bytes == session.nbytes:
                 return session
             time.sleep(0.02)
         raise AssertionError("the recall features were not computed in the background")
@@ -184,7 +184,7 @@ def test_without_an_exemplar_of_the_label_the_answer_is_the_object_alone(backend
 
 
 def test_the_first_click_of_a_new_object_proposes_the_objects_like_the_exemplar(backend, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="backend.service")
+    caplog.set_level(logging.INFO, logger="backend.interactive")
     regions = backend.click([B1], ACCEPTED)
 
     (tmp_path / "off").mkdir()
@@ -200,7 +200,7 @@ def test_the_first_click_of_a_new_object_proposes_the_objects_like_the_exemplar(
         assert region["value"]["format"] == "rle" and region["value"]["brushlabels"] == ["Object"]
     assert np.array_equal(backend.predictor.exemplars[0], A)  # the clicked label's regions only
     line = next(r for r in caplog.records if r.getMessage() == "interactive prediction")
-    assert line.proposals == 3 and line.recall_ms >= 0
+    assert line.proposals == 3 and line.recall_ms > 0
 
 
 def test_proposals_never_cover_accepted_regions_or_the_object(backend):
@@ -224,7 +224,7 @@ def test_settings_bound_the_proposals(tmp_path, recall_net, env, expected):
 def test_recall_off_answers_the_object_alone_and_warms_nothing(tmp_path, recall_net):
     backend = Backend(tmp_path, ScenePredictor(recall_net), RECALL="false")
     assert len(backend.click([B1], ACCEPTED)) == 1
-    assert backend.predictor.recall_calls == 0 and backend.model._recall_warmer is None
+    assert backend.predictor.recall_calls == 0 and backend.model.interactive._recall_warmer is None
 
 
 def test_a_model_without_a_recall_branch_answers_as_before(tmp_path, plain_net):
@@ -232,7 +232,7 @@ def test_a_model_without_a_recall_branch_answers_as_before(tmp_path, plain_net):
     assert not backend.predictor.has_recall
     regions = backend.click([B1], ACCEPTED)
     assert len(regions) == 1 and np.array_equal(decode_region(regions[0]), B_BODY)
-    assert backend.model._recall_warmer is None
+    assert backend.model.interactive._recall_warmer is None
 
 
 # --- while the object is refined ------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_the_objects_own_auto_accepted_region_is_no_exemplar(backend):
 @pytest.mark.parametrize("error", [ValueError("no exemplar"), RuntimeError("CUDA out of memory")])
 def test_a_recall_failure_still_answers_the_object(backend, caplog, error):
     backend.predictor.recall_error = error
-    with caplog.at_level(logging.WARNING, logger="backend.service"):
+    with caplog.at_level(logging.WARNING, logger="backend.interactive"):
         response = backend.post([B1], ACCEPTED)
     assert response.status_code == 200
     regions = response.get_json()["results"][0]["result"]

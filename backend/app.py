@@ -33,18 +33,43 @@ from .service import ClickSegModel
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256 * 1024 * 1024  # tasks carry every annotation's and draft's brush RLE
+MAX_JSON_DEPTH = 64  # Label Studio's payloads nest about 8 levels
 WEBHOOK_WAIT_SECONDS = 0.05  # a webhook answer waits this long for a quick fit() result, then says "queued"
 EXTENSION_KEY = "clickseg"
 
 
 def _json_body() -> Any:
-    raw = request.get_data(cache=True)
+    """The request's JSON, at most ``MAX_JSON_DEPTH`` levels deep; a 400 names what is wrong."""
+    try:
+        raw = request.get_data(cache=True)
+    except HTTPException:
+        raise
+    except Exception as exc:  # a broken transfer (an invalid chunk size, a dropped connection)
+        raise bad_request(f"the request body could not be read: {type(exc).__name__}") from None
     if not raw.strip():
         raise bad_request("the request body is empty; expected a JSON object")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError:
+        raise bad_request(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise bad_request(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+    return body
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _credentials_match(settings: Settings) -> bool:
@@ -128,6 +153,9 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
         schema = body.get("schema")
         if schema is not None and not isinstance(schema, str):
             raise bad_request("schema must be the label config string")
+        for name in ("hostname", "access_token"):
+            if body.get(name) is not None and not isinstance(body.get(name), str):
+                raise bad_request(f"{name} must be a string or null, got {type(body.get(name)).__name__}")
         return service.setup(
             project=body.get("project"), schema=schema, hostname=body.get("hostname"),
             access_token=body.get("access_token"), extra_params=body.get("extra_params"),

@@ -28,7 +28,9 @@ every 5 s). The rule (also in the README):
    this case never applies.
 4. **Remembered decisions.** Per task, the server remembers the prompts it has applied and
    where each object started; if earlier prompts moved or were deleted, decisions are replayed
-   from the last unchanged object start.
+   from the last unchanged object start. A replay makes at most ``MAX_REPLAYED_PROMPTS`` + 1
+   model calls: earlier prompts are applied without their own call, and the first call made
+   takes all the clicks of its object so far.
 5. A box prompt becomes clicks: a positive click at the box centre and negative clicks just
    outside its four corners; the object's mask is cropped to the box (grown to include the
    object's later positive clicks).
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 GroupKey = Tuple[str, Optional[str]]  # (Image tag name, label)
 PixelBox = Tuple[int, int, int, int]  # half-open (y0, y1, x0, x1)
 
+MAX_REPLAYED_PROMPTS = 8  # model calls per request at most (plus one), however many prompts must be replayed
 SAME_OBJECT_OVERLAP = 0.5  # share of the smaller mask that must overlap to count as the same object
 BOX_NEGATIVE_MARGIN = 0.05  # negative clicks sit this fraction of the box's long side outside its corners
 
@@ -68,7 +71,7 @@ class TrackedObject:
     start: int  # index of its first prompt in the group's prompt sequence
     result_id: str
     clicks: List[Click]
-    prob: np.ndarray  # float32 (H, W)
+    prob: Optional[np.ndarray]  # float32 (H, W); None only while a capped replay defers its model call
     crop: Optional[PixelBox] = None  # box prompts: the mask is zero outside this box
     _mask: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
     _mask_of: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
@@ -205,8 +208,14 @@ class RegionMasks:
     in the task are dropped by ``prune``. A corrupt RLE is logged and ignored.
     """
 
-    def __init__(self, regions: Sequence[Exemplar], cache: Optional[Dict[RegionKey, Optional[BoxMask]]] = None):
-        self.regions = list(regions)
+    def __init__(self, regions: Sequence[Exemplar], shape: Tuple[int, int],
+                 cache: Optional[Dict[RegionKey, Optional[BoxMask]]] = None):
+        """``regions`` of another size than the image's ``shape`` (H, W) are left out, never decoded."""
+        self.regions = [r for r in regions if (r.height, r.width) == tuple(shape)]
+        if len(self.regions) < len(regions):
+            log.warning("ignoring saved brush regions of another size than the image", extra={
+                "image": f"{shape[1]}x{shape[0]}",
+                "regions": [f"{r.region_id} {r.width}x{r.height}" for r in regions if r not in self.regions][:10]})
         self.cache = {} if cache is None else cache
         self._keys = [(r.region_id, r.width, r.height, hash(r.rle)) for r in self.regions]
 
@@ -292,6 +301,8 @@ class ObjectTracker:
         self._model = model
         self._namespace = namespace
         self.predictions = 0  # model calls made by this tracker (for logs and tests)
+        self._deferring = False
+        self._deferred_until = 0
 
     def segment(self, history: ClickHistory, prompts: Sequence[Prompt], regions: RegionMasks) -> TrackedObject:
         if not prompts:
@@ -319,7 +330,13 @@ class ObjectTracker:
         history.keys = keys[:begin]
         history.starts = [s for s in history.starts if s < begin]
 
+        # Bounded work: prompts before the last MAX_REPLAYED_PROMPTS are applied without model calls
+        # (their objects' clicks are kept); the first replayed call then takes all of its object's clicks.
+        self._deferred_until = max(begin, len(prompts) - MAX_REPLAYED_PROMPTS)
+        if self._deferred_until > begin:
+            log.info("replay capped", extra={"prompts": len(prompts) - begin, "replayed": MAX_REPLAYED_PROMPTS})
         for index in range(begin, len(prompts)):
+            self._deferring = index < self._deferred_until
             if carried is not None and index == 0:
                 current = self._after_lone_prompt(prompts[0], carried, history)
             else:
@@ -357,15 +374,19 @@ class ObjectTracker:
     def _start(self, index: int, prompt: Prompt, clicks: List[Click], crop: Optional[PixelBox],
                history: ClickHistory, prob: Optional[np.ndarray] = None) -> TrackedObject:
         history.starts.append(index)
-        if prob is None:
+        if prob is None and not self._deferring:
             prob = self._run(clicks, None)
-        return TrackedObject(index, object_id(self._namespace, prompt), clicks, apply_crop(prob, crop), crop)
+        return TrackedObject(index, object_id(self._namespace, prompt), clicks,
+                             None if prob is None else apply_crop(prob, crop), crop)
 
     def _refine(self, current: TrackedObject, click: Click) -> TrackedObject:
         current.clicks = current.clicks + [click]
         if current.crop is not None and click.is_positive:
             current.crop = grow_crop(current.crop, click)
-        current.prob = apply_crop(self._run(current.clicks, current.prob), current.crop)
+        if self._deferring:
+            current.prob = None  # computed, from all its clicks, by the first call that is not deferred
+        else:
+            current.prob = apply_crop(self._run(current.clicks, current.prob), current.crop)
         return current
 
     def _run(self, clicks: List[Click], prev_prob: Optional[np.ndarray]) -> np.ndarray:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -59,34 +60,47 @@ Size = Tuple[int, int]  # (height, width)
 # --- identifiers ---------------------------------------------------------------------------------
 
 
+MAX_ID_DIGITS = 18  # project and task ids: Label Studio's are database integers
+MAX_ID_CHARS = 200  # region ids
+MAX_REGION_PIXELS = 50_000_000  # as MAX_IMAGE_PIXELS's default: a larger brush region is never decoded
+_ID = re.compile(r"[0-9]{1,%d}" % MAX_ID_DIGITS)
+
+
 def project_key(project: Any) -> str:
     """The project id as stored: 1, "1", "1.1795419391" (``/predict``'s id.timestamp) and {"id": 1} -> "1"."""
     if isinstance(project, Mapping):
         project = project.get("id")
     if isinstance(project, str):
         project = project.split(".", 1)[0]
-        if project.isdigit():
+        if _ID.fullmatch(project):
             return str(int(project))
-    elif isinstance(project, int) and not isinstance(project, bool) and project >= 0:
+    elif isinstance(project, int) and not isinstance(project, bool) and 0 <= project < 10 ** MAX_ID_DIGITS:
         return str(project)
-    raise ValueError(f"project must be a Label Studio project id (int, 'id' or 'id.timestamp'), got {project!r}")
+    raise ValueError(f"project must be a Label Studio project id (int, 'id' or 'id.timestamp'), got {_short(project)}")
 
 
 def task_key(task_id: Any) -> str:
     """The task id as stored: 7 or "7" -> "7"."""
-    if isinstance(task_id, str) and task_id.isdigit():
+    if isinstance(task_id, str) and _ID.fullmatch(task_id):
         return str(int(task_id))
-    if isinstance(task_id, int) and not isinstance(task_id, bool) and task_id >= 0:
+    if isinstance(task_id, int) and not isinstance(task_id, bool) and 0 <= task_id < 10 ** MAX_ID_DIGITS:
         return str(task_id)
-    raise ValueError(f"task id must be a non-negative integer, got {task_id!r}")
+    raise ValueError(f"task id must be a non-negative integer of at most {MAX_ID_DIGITS} digits, got {_short(task_id)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (error messages never echo a huge payload)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def source_key(kind: str, entry_id: Any) -> str:
     """``"annotation:12"`` / ``"draft:3"``: the source a set of regions comes from."""
     if kind not in SOURCE_KINDS:
         raise ValueError(f"source kind must be one of {SOURCE_KINDS}, got {kind!r}")
-    if isinstance(entry_id, bool) or not isinstance(entry_id, (int, str)) or str(entry_id) == "":
-        raise ValueError(f"{kind} id must be an integer or a non-empty string, got {entry_id!r}")
+    if (isinstance(entry_id, bool) or not isinstance(entry_id, (int, str)) or str(entry_id) == ""
+            or len(str(entry_id)) > MAX_ID_CHARS):
+        raise ValueError(f"{kind} id must be an integer or a non-empty string, got {_short(entry_id)}")
     return f"{kind}:{entry_id}"
 
 
@@ -243,12 +257,17 @@ def _brush_region(result: Any, source: str, version: Optional[float], index: int
     value = result.get("value")
     if not isinstance(value, Mapping) or value.get("format") != "rle":
         return None
-    region_id = str(result.get("id") or f"#{index}")
+    region_id = result.get("id") or f"#{index}"
+    if not isinstance(region_id, (str, int)) or isinstance(region_id, bool) or len(str(region_id)) > MAX_ID_CHARS:
+        raise ValueError(f"brush region #{index} of {source} has an unusable id; region skipped")
+    region_id = str(region_id)
     where = f"brush region {region_id!r} of {source}"
     width, height = result.get("original_width"), result.get("original_height")
     for name, size in (("original_width", width), ("original_height", height)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"{where} has no valid {name} ({size!r}); region skipped")
+            raise ValueError(f"{where} has no valid {name} ({str(size)[:40]!r}); region skipped")
+    if width * height > MAX_REGION_PIXELS:
+        raise ValueError(f"{where} declares {width} x {height} pixels, more than {MAX_REGION_PIXELS}; region skipped")
     rle = value.get("rle")
     try:
         rle_bytes = bytes(rle) if isinstance(rle, list) else None
@@ -309,17 +328,19 @@ def regions_from_task(task: Mapping[str, Any], project: Any = None) -> TaskRegio
     )
     annotations = _entries(task.get("annotations"), "annotations", update.problems)
     drafts = _entries(task.get("drafts"), "drafts", update.problems)
-    annotation_versions = {entry.get("id"): _timestamp(entry.get("updated_at")) for entry in annotations}
+    annotation_versions = {entry.get("id"): _timestamp(entry.get("updated_at")) for entry in annotations
+                           if _is_entry_id(entry.get("id"))}
     edited = set()  # annotations whose newer draft is what the user sees
     for entry in drafts:
         target, draft_version = entry.get("annotation"), _timestamp(entry.get("updated_at"))
-        if target in annotation_versions:
+        if _is_entry_id(target) and target in annotation_versions:
             annotation_version = annotation_versions[target]
             if draft_version is None or annotation_version is None or draft_version >= annotation_version:
                 edited.add(target)
     for kind, entries in ((ANNOTATION, annotations), (DRAFT, drafts)):
         for entry in entries:
-            if kind == ANNOTATION and (entry.get("was_cancelled") or entry.get("id") in edited):
+            if kind == ANNOTATION and (entry.get("was_cancelled") or (_is_entry_id(entry.get("id"))
+                                                                      and entry.get("id") in edited)):
                 continue
             try:
                 source = source_key(kind, entry.get("id"))
@@ -331,6 +352,10 @@ def regions_from_task(task: Mapping[str, Any], project: Any = None) -> TaskRegio
             update.versions[source] = version
     _log_problems(update.problems, update.project, update.task_id)
     return update
+
+
+def _is_entry_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def _entries(value: Any, name: str, problems: List[str]) -> List[Mapping[str, Any]]:

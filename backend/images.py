@@ -31,9 +31,11 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 import posixpath
 import re
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -45,8 +47,11 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
+from urllib3.util import parse_url
 
 from backend.errors import ImageAccessError
+
+log = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 LABEL_STUDIO_MEDIA_PREFIXES = ("/data/upload/", "/storage-data/")
@@ -93,42 +98,113 @@ def _jwt_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) else None
 
 
+_HOST_NAME = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*\.?$")
+_IPV6_LITERAL = re.compile(r"^\[[0-9a-f:.]+\]$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    """An unambiguous http(s) URL: the host and port that the allow-list checks are the ones connected to."""
+
+    scheme: str  # "http" or "https"
+    host: str  # lower-case host name, IPv4 address or [IPv6] literal
+    port: int  # explicit, or the scheme's default
+    url: str  # the URL to request (the fragment dropped)
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return self.scheme, self.host, self.port
+
+    @property
+    def netloc(self) -> str:
+        return self.host if self.port == _DEFAULT_PORTS[self.scheme] else f"{self.host}:{self.port}"
+
+
+def parse_http_url(url: str) -> HttpTarget:
+    """The one parser of http(s) image URLs; a ValueError names what makes ``url`` unusable.
+
+    Ambiguous URLs are refused rather than interpreted: parsers disagree on backslashes,
+    userinfo (``user@host``), control characters, spaces and unusual host characters
+    (``http://a\\@b/`` is host ``b`` to urllib but ``a`` to urllib3, which connects). The
+    connection library's own reading (urllib3's ``parse_url``) must then agree with this one.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"expected a URL string, got {type(url).__name__}")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F or ord(c) > 0x7E for c in url):
+        raise ValueError("the URL contains spaces, control or non-ASCII characters (percent-encode them)")
+    if "\\" in url:
+        raise ValueError("the URL contains a backslash")
+    try:
+        parts = urlsplit(url)
+        seen = parse_url(url)  # urllib3 is what requests connects with
+    except ValueError as exc:
+        raise ValueError(f"the URL cannot be parsed ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"the URL scheme must be http or https, got {scheme or '(none)'!r}")
+    netloc = parts.netloc
+    if "@" in netloc:
+        raise ValueError("the URL carries user info (user@host); credentials in image URLs are not supported")
+    host, _, port_text = netloc.rpartition(":") if not netloc.endswith("]") else (netloc, "", "")
+    if not host:  # no ":" at all
+        host, port_text = netloc, ""
+    host = host.lower()
+    if not (_HOST_NAME.match(host) or _IPV6_LITERAL.match(host)) or len(host) > 253:
+        raise ValueError(f"the URL host {host[:80]!r} is not a valid host name or IP address")
+    if port_text and not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise ValueError(f"the URL port {port_text[:20]!r} is not a number from 1 to 65535")
+    port = int(port_text) if port_text else _DEFAULT_PORTS[scheme]
+    seen_port = seen.port or _DEFAULT_PORTS[scheme]
+    if (seen.scheme, (seen.host or "").lower(), seen_port) != (scheme, host, port):
+        raise ValueError("the URL is read differently by the connection library; refusing it")
+    return HttpTarget(scheme, host, port, url.split("#", 1)[0])
+
+
+def http_target_or_none(url: str) -> HttpTarget | None:
+    try:
+        return parse_http_url(url)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class _HostRule:
     host: str  # lower-case hostname, "*" for any, "*.example.com" for subdomains
-    port: int | None  # None: any port
+    port: int | None  # None: any port ("host:*"); a bare host means the scheme's default port
 
-    def matches(self, host: str, port: int) -> bool:
-        if self.port is not None and self.port != port:
+    def matches(self, target: HttpTarget) -> bool:
+        port = _DEFAULT_PORTS[target.scheme] if self.port == 0 else self.port
+        if port is not None and port != target.port:
             return False
         if self.host == "*":
             return True
         if self.host.startswith("*."):
-            return host.endswith(self.host[1:])
-        return host == self.host
+            return target.host.endswith(self.host[1:])
+        return target.host == self.host
 
 
 def _parse_host_rule(entry: str) -> _HostRule:
+    """``host`` (the scheme's default port: 80 for http, 443 for https), ``host:port``, ``host:*``
+    (any port), ``*.domain`` (subdomains, same port forms) or ``*`` (any host, any port)."""
     text = entry.strip().lower()
-    if text in ("*", "") or text.startswith("*."):
-        return _HostRule(text or "*", None)
-    parts = urlsplit(text if "://" in text else f"//{text}")
-    if parts.path not in ("", "/") or parts.query or not parts.hostname:
-        raise ValueError(f"ALLOWED_IMAGE_HOSTS entry {entry!r} must be a host or host:port")
-    return _HostRule(parts.hostname, parts.port)
+    if text in ("*", ""):
+        return _HostRule("*", None)
+    host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
+    if not sep:
+        host, port = text, ""
+    pattern = host[2:] if host.startswith("*.") else host
+    valid_host = bool(_HOST_NAME.match(pattern) or _IPV6_LITERAL.match(pattern))
+    if not valid_host or (port and port != "*" and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"ALLOWED_IMAGE_HOSTS entry {entry!r} must be a host, host:port or host:* "
+                         "(optionally *.domain)")
+    return _HostRule(host, None if port == "*" else int(port) if port else 0)
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an http(s) URL, with the scheme's default port; None otherwise."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
-    try:
-        port = parts.port or (443 if scheme == "https" else 80)
-    except ValueError:
-        return None
-    return scheme, parts.hostname.lower(), port
+    """(scheme, host, port) of an unambiguous http(s) URL, with the scheme's default port; None otherwise."""
+    target = http_target_or_none(url)
+    return None if target is None else target.origin
 
 
 def _has_dot_segments(path: str) -> bool:
@@ -216,14 +292,11 @@ class ImageAccessSettings:
             max_download_bytes=positive_int("MAX_IMAGE_BYTES", cls.max_download_bytes),
         )
 
-    def host_allowed(self, url: str) -> bool:
-        """True when url is on the Label Studio origin or on a host of ALLOWED_IMAGE_HOSTS."""
-        origin = _origin(url)
-        if origin is None:
-            return False
-        if self.label_studio_url and origin == _origin(self.label_studio_url):
+    def host_allowed(self, target: HttpTarget) -> bool:
+        """True when ``target`` is on the Label Studio origin or on a host of ALLOWED_IMAGE_HOSTS."""
+        if self.label_studio_url and target.origin == _origin(self.label_studio_url):
             return True
-        return any(rule.matches(origin[1], origin[2]) for rule in self._host_rules)
+        return any(rule.matches(target) for rule in self._host_rules)
 
 
 def decode_image(data: bytes, url: str, content_type: str | None, max_pixels: int) -> np.ndarray:
@@ -317,7 +390,10 @@ class ImageFetcher:
         url = url.strip()
         if "\x00" in url or any(c in url for c in "\r\n"):
             raise ImageAccessError(url, "the URL contains control characters", status=400)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ImageAccessError(url, f"the URL cannot be parsed ({exc})", status=400) from None
         scheme = parts.scheme.lower()
         if scheme in CLOUD_SCHEMES:
             return self._fetch_cloud(url, task_id, project_id)
@@ -327,9 +403,10 @@ class ImageFetcher:
             ls_path = self._label_studio_path(url)
             if ls_path is not None:
                 return self._fetch_label_studio_path(url, ls_path, parts.query, url)
-            if not self.settings.host_allowed(url):
-                raise self._host_error(url, url)
-            return self._read(self._download(url, url, authorization=None), url)
+            target = self._http_target(url)
+            if not self.settings.host_allowed(target):
+                raise self._host_error(url, target)
+            return self._read(self._download(target.url, url, authorization=None), url)
         raise ImageAccessError(
             url,
             f"unsupported URL scheme {scheme or '(none)'!r}: expected /data/upload/..., /data/local-files/?d=..., "
@@ -403,13 +480,19 @@ class ImageFetcher:
             return None
         return path[len(base_path) :] or "/"
 
-    def _host_error(self, url: str, target: str) -> ImageAccessError:
-        parts = urlsplit(target)
-        host = parts.netloc or target
+    @staticmethod
+    def _http_target(url: str) -> HttpTarget:
+        try:
+            return parse_http_url(url)
+        except ValueError as exc:
+            raise ImageAccessError(url, f"unusable image URL: {exc}", status=400) from None
+
+    @staticmethod
+    def _host_error(url: str, target: HttpTarget) -> ImageAccessError:
         return ImageAccessError(
             url,
-            f"host {host!r} is not allowed: add it to ALLOWED_IMAGE_HOSTS (comma-separated host or host:port; "
-            "the LABEL_STUDIO_URL host is always allowed)",
+            f"host {target.netloc!r} is not allowed: add it to ALLOWED_IMAGE_HOSTS (comma-separated host, "
+            "host:port or host:*; a bare host allows only port 80/443; the LABEL_STUDIO_URL origin is always allowed)",
             status=403,
         )
 
@@ -427,9 +510,9 @@ class ImageFetcher:
         try:
             root = Path(root_setting).resolve(strict=True)
         except OSError:
-            raise ImageAccessError(
-                url, f"LOCAL_FILES_DOCUMENT_ROOT {root_setting!r} does not exist", status=500
-            ) from None
+            log.error("LOCAL_FILES_DOCUMENT_ROOT does not exist", extra={"path": root_setting})
+            raise ImageAccessError(url, "LOCAL_FILES_DOCUMENT_ROOT does not exist (the backend log names it)",
+                                   status=500) from None
         # Label Studio reads ?d= relative to the root ("/x" is "<root>/x"); resolving follows
         # symlinks, so a link that points outside the root is caught by the containment check.
         candidate = root / posixpath.normpath(relative).lstrip("/")
@@ -443,7 +526,7 @@ class ImageFetcher:
         if resolved is not None and not resolved.is_relative_to(root):  # a symlink out of the root
             raise outside
         if resolved is None or not resolved.is_file():
-            raise ImageAccessError(url, f"no such file under LOCAL_FILES_DOCUMENT_ROOT {root_setting!r}", status=404)
+            raise ImageAccessError(url, "no such file under LOCAL_FILES_DOCUMENT_ROOT", status=404)
         size = resolved.stat().st_size
         if size > self.settings.max_download_bytes:
             raise ImageAccessError(
@@ -535,42 +618,46 @@ class ImageFetcher:
             raise _TokenRefreshError(f"{endpoint} answered without an 'access' token")
         return access
 
-    def _on_label_studio(self, url: str) -> bool:
+    def _on_label_studio(self, target: HttpTarget | str) -> bool:
         base = self.settings.label_studio_url
-        return bool(base) and _origin(url) == _origin(base)
+        origin = target.origin if isinstance(target, HttpTarget) else _origin(target)
+        return bool(base) and origin is not None and origin == _origin(base)
 
     # --- HTTP ----------------------------------------------------------------------------------
 
     def _download(self, http_url: str, url: str, authorization: str | None) -> requests.Response:
         """GET with redirects followed by hand: Authorization only on the Label Studio origin;
         redirects leaving a chain that started at Label Studio are trusted (presigned URLs),
-        others must stay on allowed hosts. Returns the final, unread, streamed response."""
-        trusted = self._on_label_studio(http_url)
-        current = http_url
+        others must stay on allowed hosts. Every hop is parsed by ``parse_http_url``, and the
+        URL it checked is the one requested. Returns the final, unread, streamed response."""
+        target = self._http_target(http_url)
+        trusted = self._on_label_studio(target)
         for _ in range(MAX_REDIRECTS + 1):
-            headers = {"Authorization": authorization} if authorization and self._on_label_studio(current) else {}
+            on_label_studio = self._on_label_studio(target)
+            headers = {"Authorization": authorization} if authorization and on_label_studio else {}
             try:
                 response = self._session.get(
-                    current, headers=headers, stream=True, allow_redirects=False, timeout=self.settings.timeout
+                    target.url, headers=headers, stream=True, allow_redirects=False, timeout=self.settings.timeout
                 )
             except requests.Timeout:
                 raise ImageAccessError(
-                    url, f"{urlsplit(current).netloc} did not answer within {self.settings.timeout} s", status=504
+                    url, f"{target.netloc} did not answer within {self.settings.timeout} s", status=504
                 ) from None
             except requests.RequestException as exc:
-                hint = " (is LABEL_STUDIO_URL right?)" if self._on_label_studio(current) else ""
+                hint = " (is LABEL_STUDIO_URL right?)" if on_label_studio else ""
                 raise ImageAccessError(
-                    url, f"cannot connect to {urlsplit(current).netloc}{hint}: {type(exc).__name__}", status=502
+                    url, f"cannot connect to {target.netloc}{hint}: {type(exc).__name__}", status=502
                 ) from None
             if not response.is_redirect:
                 return response
-            target = urljoin(current, response.headers["Location"])
+            location = urljoin(target.url, response.headers["Location"])
             response.close()
-            if _origin(target) is None:
-                raise ImageAccessError(url, "redirected to a non-http(s) URL", status=502)
+            try:
+                target = parse_http_url(location)
+            except ValueError as exc:
+                raise ImageAccessError(url, f"redirected to an unusable URL: {exc}", status=502) from None
             if not trusted and not self.settings.host_allowed(target):
                 raise self._host_error(url, target)
-            current = target
         raise ImageAccessError(url, f"more than {MAX_REDIRECTS} redirects", status=502)
 
     def _read(self, response: requests.Response, url: str) -> tuple[bytes, str | None]:
@@ -583,21 +670,62 @@ class ImageFetcher:
             if not 200 <= status < 300:
                 raise ImageAccessError(url, f"{urlsplit(response.url).netloc} answered HTTP {status}", status=502)
             declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > limit:
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
                 raise ImageAccessError(
                     url, f"download is {declared} bytes, more than MAX_IMAGE_BYTES={limit}", status=413
                 )
             body = bytearray()
+            guard = DownloadDeadline(response, self.settings.timeout)  # the timeout per read is not per download
             try:
                 for chunk in response.iter_content(_CHUNK_BYTES):
                     body += chunk
                     if len(body) > limit:
                         raise ImageAccessError(url, f"download exceeds MAX_IMAGE_BYTES={limit}", status=413)
-            except requests.Timeout:
-                raise ImageAccessError(url, "the download stalled (timeout)", status=504) from None
-            except requests.RequestException as exc:
+            except (requests.RequestException, OSError) as exc:
+                if guard.expired:
+                    raise ImageAccessError(url, f"the download took more than {self.settings.timeout:g} s",
+                                           status=504) from None
+                if isinstance(exc, requests.Timeout):
+                    raise ImageAccessError(url, "the download stalled (timeout)", status=504) from None
                 raise ImageAccessError(url, f"the download broke off ({type(exc).__name__})", status=502) from None
+            finally:
+                guard.cancel()
+            if guard.expired:  # the cut-off read ended like a short body
+                raise ImageAccessError(url, f"the download took more than {self.settings.timeout:g} s", status=504)
             return bytes(body), response.headers.get("Content-Type")
+
+
+def _response_socket(response: requests.Response) -> socket.socket | None:
+    """The socket a streamed response reads from: the connection's, or (``Connection: close``,
+    where http.client lets the connection go) the one behind the body's file object."""
+    connection_socket = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if connection_socket is not None:
+        return connection_socket
+    body_file = getattr(getattr(response.raw, "_fp", None), "fp", None)
+    return getattr(getattr(body_file, "raw", None), "_sock", None)
+
+
+class DownloadDeadline:
+    """Shuts a streamed response's socket down ``seconds`` after it starts, so a source that trickles
+    bytes (each read within the read timeout) cannot hold a request thread for longer."""
+
+    def __init__(self, response: requests.Response, seconds: float):
+        self.expired = False
+        self._socket = _response_socket(response)
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        self.expired = True
+        if self._socket is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class _TokenRefreshError(Exception):

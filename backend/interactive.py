@@ -157,13 +157,13 @@ class InteractivePipeline:
             session.last_group = group
             image_model = ImageModel(predictor, state, self._model_thread)
             tracker = ObjectTracker(state.height, state.width, image_model, namespace=(request.project, request.task))
-            saved = RegionMasks(regions, history.region_masks)
+            saved = RegionMasks(regions, (state.height, state.width), history.region_masks)
             try:
                 obj = tracker.segment(history, request.prompts, saved)
             except BaseException:
                 session.histories.pop(group, None)  # never keep a half-applied history
                 raise
-            decoded = RegionMasks(accepted_regions, history.region_masks)  # shares saved's decoded masks
+            decoded = RegionMasks(accepted_regions, (state.height, state.width), history.region_masks)  # shares saved's masks
             proposals: List[Proposal] = []
             recall_ms = 0.0
             if recall_on:

@@ -21,6 +21,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from .errors import BackendError
 
+MAX_CONTEXT_ITEMS = 1000  # per request; the editor sends the smart regions of one image
 PROMPT_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "RectangleLabels"}
 BRUSH_TAG = "BrushLabels"
 IMAGE_TAG = "Image"
@@ -55,7 +56,7 @@ class LabelConfig:
             known = ", ".join(sorted(c.name for c in self.controls.values() if c.tag in PROMPT_TYPES.values()))
             raise bad_request(f"unknown control name {name!r} in the context; the label config's prompt controls are: {known or 'none'}")
         if control.tag != PROMPT_TYPES[result_type]:
-            raise bad_request(f"control {name!r} is a {control.tag}, but the context item says type {result_type!r}")
+            raise bad_request(f"control {name!r} is a {control.tag}, but the context item says type {short_repr(result_type)}")
         return control
 
     def brush_output(self, image: str, label: Optional[str]) -> Tuple[str, str]:
@@ -135,9 +136,23 @@ class Prompt:
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad_request(f"{where} must be a finite number, got {value!r}")
-    return float(value)
+    number = float("nan")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            pass
+    if not math.isfinite(number):
+        raise bad_request(f"{where} must be a finite number, got {short_repr(value)}")
+    return number
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages never echo a huge payload."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _percent(value: Any, where: str) -> float:
@@ -152,7 +167,7 @@ def _label(value: Mapping[str, Any], result_type: str, where: str) -> Optional[s
     if labels is None or labels == []:
         return None
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise bad_request(f"{where}.value.{result_type} must be a list of label strings, got {labels!r}")
+        raise bad_request(f"{where}.value.{result_type} must be a list of label strings, got {short_repr(labels)}")
     return labels[0]
 
 
@@ -161,6 +176,8 @@ def parse_prompt(item: Any, config: LabelConfig, where: str) -> Optional[Prompt]
     if not isinstance(item, Mapping):
         raise bad_request(f"{where} must be an object, got {type(item).__name__}")
     result_type = item.get("type")
+    if not isinstance(result_type, str):
+        raise bad_request(f"{where}.type must be a string, got {short_repr(result_type)}")
     if result_type not in PROMPT_TYPES:
         return None
     from_name, to_name = item.get("from_name"), item.get("to_name")
@@ -174,14 +191,14 @@ def parse_prompt(item: Any, config: LabelConfig, where: str) -> Optional[Prompt]
         raise bad_request(f"{where}.value must be an object")
     is_positive = item.get("is_positive", True)
     if not isinstance(is_positive, bool):
-        raise bad_request(f"{where}.is_positive must be true or false, got {is_positive!r}")
+        raise bad_request(f"{where}.is_positive must be true or false, got {short_repr(is_positive)}")
     common = dict(
         control=from_name,
         image=to_name,
         label=_label(value, result_type, where),
         x=_percent(value.get("x"), f"{where}.value.x"),
         y=_percent(value.get("y"), f"{where}.value.y"),
-        region_id=str(item.get("id", "")),
+        region_id=str(item.get("id", ""))[:200],
     )
     if result_type == "keypointlabels":
         return Prompt(kind="keypoint", is_positive=is_positive, **common)
@@ -205,6 +222,9 @@ def parse_context(context: Any, config: LabelConfig) -> List[Prompt]:
         items = []
     if not isinstance(items, list):
         raise bad_request("params.context.result must be a list")
+    if len(items) > MAX_CONTEXT_ITEMS:
+        raise bad_request(f"params.context.result holds {len(items)} items; at most {MAX_CONTEXT_ITEMS} are accepted "
+                          "(the editor sends the smart regions of one image)")
     prompts = [p for i, item in enumerate(items) if (p := parse_prompt(item, config, f"params.context.result[{i}]"))]
     if not prompts:
         raise bad_request("params.context has no keypoints or rectangles (keypointlabels / rectanglelabels items) to segment from")
@@ -222,8 +242,8 @@ def current_group(prompts: Sequence[Prompt]) -> List[Prompt]:
 
 def task_id(task: Mapping[str, Any], where: str) -> int:
     value = task.get("id")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"{where}.id must be an integer task id, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10 ** 18:
+        raise bad_request(f"{where}.id must be an integer task id (0 to 10^18), got {short_repr(value)}")
     return value
 
 
@@ -237,7 +257,7 @@ def task_image_url(task: Mapping[str, Any], config: LabelConfig, image: str, whe
     if url is None:
         raise bad_request(f"{where}.data has no field {field_name!r} (the Image tag {image!r} reads ${field_name})")
     if not isinstance(url, str) or not url.strip():
-        raise bad_request(f"{where}.data.{field_name} must be a non-empty image URL string, got {url!r}")
+        raise bad_request(f"{where}.data.{field_name} must be a non-empty image URL string, got {short_repr(url)}")
     return url
 
 

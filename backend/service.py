@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections import OrderedDict
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -33,13 +34,25 @@ from .exemplars import SQLiteExemplarStore, project_key, regions_from_webhook
 from .images import ImageFetcher
 from .interactive import InteractivePipeline, InteractiveRequest, normalized_project
 from .model_thread import ModelThread
-from .payload import bad_request, parse_label_config
+from .payload import bad_request, parse_label_config, short_repr
 from .training_jobs import JobManager, ProjectModels
 
 log = logging.getLogger(__name__)
 
+MAX_LABEL_CONFIGS = 256  # label configs from /setup kept (least recently set dropped first)
+MAX_PROJECT_CHARS = 40  # "<id>.<timestamp>" as Label Studio sends it
 TRAINING_EVENTS = ("START_TRAINING",)
 CREATED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
+
+
+def request_project(project: Any) -> str:
+    """The ``project`` of a request as a key: "" when absent; a 400 unless a short string or integer."""
+    if project is None:
+        return ""
+    if isinstance(project, bool) or not isinstance(project, (str, int)) or len(str(project)) > MAX_PROJECT_CHARS:
+        raise bad_request(f"project must be a Label Studio project id (at most {MAX_PROJECT_CHARS} characters), "
+                          f"got {short_repr(project)}")
+    return str(project)
 
 
 class ClickSegModel:
@@ -62,7 +75,7 @@ class ClickSegModel:
         self._model_thread = ModelThread()  # every model call of the process, one at a time
         self.fetcher = fetcher or ImageFetcher(settings.image_access)
         self.interactive = InteractivePipeline(settings, self.fetcher, self._model_thread)
-        self._label_configs: Dict[str, str] = {}  # project -> label config from /setup
+        self._label_configs: "OrderedDict[str, str]" = OrderedDict()  # project key -> label config from /setup
         self._setup_access_token: Optional[str] = None
         self.project_models: ProjectModels[ClickSegPredictor] = ProjectModels(settings.model_dir, self._load_project_checkpoint)
         self.jobs = JobManager(settings, setup_access_token=lambda: self._setup_access_token)
@@ -138,7 +151,11 @@ class ClickSegModel:
             if not any(c.tag == "BrushLabels" for c in config.controls.values()):
                 log.warning("the label config has no BrushLabels control; interactive requests will fail",
                             extra={"project": str(project)})
-            self._label_configs[str(project)] = schema
+            key = request_project(project)
+            self._label_configs[key] = schema
+            self._label_configs.move_to_end(key)
+            while len(self._label_configs) > MAX_LABEL_CONFIGS:
+                self._label_configs.popitem(last=False)
         self.fetcher.set_setup_access_token(access_token)
         self._setup_access_token = (access_token or "").strip() or None
         if hostname and not self.settings.image_access.label_studio_url:
@@ -180,7 +197,7 @@ class ClickSegModel:
             return self._batch(tasks, project)
         if len(tasks) != 1:
             raise bad_request(f"an interactive request (params.context set) must carry exactly one task, got {len(tasks)}")
-        project = "" if project is None else str(project)
+        project = request_project(project)
         config_xml = label_config or self._label_configs.get(project)
         if not config_xml:
             raise bad_request("the request has no label_config and /setup has not sent this project's schema")

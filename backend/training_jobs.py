@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Generic, List, Mapping, Optional, Tuple, TypeVar
 
 from .config import Settings
+from .exemplars import MAX_ID_DIGITS
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ class ProjectPaths:
     project: str  # normalised id, digits only (``backend.exemplars.project_key``)
 
     def __post_init__(self) -> None:
-        if not self.project.isdigit():
-            raise ValueError(f"project id must be digits, got {self.project!r}")
+        if not (self.project.isascii() and self.project.isdigit() and len(self.project) <= MAX_ID_DIGITS):
+            raise ValueError(f"project id must be at most {MAX_ID_DIGITS} digits, got {self.project[:40]!r}")
 
     @property
     def root(self) -> Path:
@@ -473,7 +474,7 @@ class JobManager:
     def projects(self) -> List[str]:
         if not self.model_dir.is_dir():
             return []
-        return sorted((p.name for p in self.model_dir.iterdir() if p.name.isdigit() and p.is_dir()), key=int)
+        return sorted((p.name for p in self.model_dir.iterdir() if p.name.isascii() and p.name.isdigit() and p.is_dir()), key=int)
 
     def served_version(self, project: str) -> Optional[str]:
         """The promoted version ``current.json`` names (what every worker serves), None for the default."""
@@ -512,7 +513,7 @@ class JobManager:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # other workers count too
             f.seek(0)
             text = f.read().strip()
-            count = (int(text) if text.isdigit() else 0) + new
+            count = (int(text) if text.isascii() and text.isdigit() and len(text) < 19 else 0) + new
             due = count >= every
             if due and self.start(project, trigger=f"{count} new annotations (TRAIN_EVERY_N_ANNOTATIONS={every})").started:
                 count = 0

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import BackendError, ImageAccessError
-from backend.images import ImageAccessSettings, ImageFetcher, looks_like_jwt
+from backend.images import ImageAccessSettings, ImageFetcher, looks_like_jwt, parse_http_url
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, like Label Studio's
 
@@ -359,7 +359,73 @@ def test_plain_url_needs_allowed_host(ls, other):
     fetcher = fetcher_for(ls.url, api_key=LEGACY_KEY, allowed_image_hosts=["images.example.com", host])
     assert np.array_equal(fetcher.fetch(url), image)
     assert other.requests[0]["auth"] is None  # credentials are only for Label Studio
-    assert np.array_equal(fetcher_for(None, allowed_image_hosts=["127.0.0.1"]).fetch(url), image)  # any port
+    assert np.array_equal(fetcher_for(None, allowed_image_hosts=["127.0.0.1:*"]).fetch(url), image)  # any port
+    with pytest.raises(ImageAccessError, match="is not allowed"):  # a bare host is port 80/443 only
+        fetcher_for(None, allowed_image_hosts=["127.0.0.1"]).fetch(url)
+
+
+@pytest.mark.parametrize("template", [
+    "http://{forbidden}\\@{allowed}/img.png",   # urllib reads the host after '@', urllib3 before the backslash
+    "http://{forbidden}\\{allowed}/img.png",
+    "http://{allowed}@{forbidden}/img.png",      # userinfo
+    "http://x@{allowed}/img.png",
+    "http://{allowed}\t/img.png",
+    "http://{allowed} /img.png",
+    "http://{allowed}%2f@{forbidden}/img.png",
+    "http://{allowed}:0/img.png",
+    "http://{allowed}:99999/img.png",
+    "http://[{allowed}]/img.png",
+])
+def test_ambiguous_urls_are_refused_before_any_connection(other, template):
+    """One parser decides the allow-list check and the connection; what parsers read differently is refused."""
+    forbidden = FakeServer()
+    try:
+        forbidden.routes["/img.png"] = lambda r: (200, {"Content-Type": "image/png"}, png_bytes(sample_image()))
+        other.routes["/img.png"] = forbidden.routes["/img.png"]
+        allowed = urlsplit(other.url).netloc
+        url = template.format(allowed=allowed, forbidden=urlsplit(forbidden.url).netloc)
+        with pytest.raises(ImageAccessError) as error:
+            fetcher_for(None, allowed_image_hosts=[allowed]).fetch(url)
+        assert error.value.status in (400, 403)
+        assert forbidden.requests == [] and other.requests == []
+    finally:
+        forbidden.close()
+
+
+def test_the_metadata_address_behind_a_backslash_is_refused_offline():
+    fetcher = fetcher_for(None, allowed_image_hosts=["127.0.0.1:8000"])
+    with pytest.raises(ImageAccessError, match="backslash") as error:
+        fetcher.fetch("http://169.254.169.254\\@127.0.0.1:8000/")
+    assert error.value.status == 400
+
+
+def test_a_redirect_to_an_ambiguous_url_is_refused(other):
+    forbidden = FakeServer()
+    try:
+        forbidden.routes["/img.png"] = lambda r: (200, {"Content-Type": "image/png"}, png_bytes(sample_image()))
+        allowed = urlsplit(other.url).netloc
+        other.routes["/hop"] = lambda r: (302, {"Location": f"http://{urlsplit(forbidden.url).netloc}\\@{allowed}/img.png"}, b"")
+        with pytest.raises(ImageAccessError, match="redirected to an unusable URL") as error:
+            fetcher_for(None, allowed_image_hosts=[allowed]).fetch(other.url + "/hop")
+        assert error.value.status == 502 and forbidden.requests == []
+    finally:
+        forbidden.close()
+
+
+@pytest.mark.parametrize("entry, url, allowed", [
+    ("cdn.example.com", "http://cdn.example.com/a.png", True),
+    ("cdn.example.com", "https://cdn.example.com/a.png", True),
+    ("cdn.example.com", "http://cdn.example.com:8080/a.png", False),
+    ("cdn.example.com:8080", "http://cdn.example.com:8080/a.png", True),
+    ("cdn.example.com:*", "http://cdn.example.com:8080/a.png", True),
+    ("*.example.com", "https://a.b.example.com/a.png", True),
+    ("*.example.com", "https://a.example.com:444/a.png", False),
+    ("*.example.com:*", "https://a.example.com:444/a.png", True),
+    ("*.example.com", "https://evilexample.com/a.png", False),
+    ("*", "http://anything:1234/a.png", True),
+])
+def test_allow_list_ports_are_explicit(entry, url, allowed):
+    assert ImageAccessSettings(allowed_image_hosts=(entry,)).host_allowed(parse_http_url(url)) is allowed
 
 
 def test_redirect_from_allowed_host_to_other_host_is_blocked(ls, other):
@@ -416,6 +482,7 @@ def test_local_files_traversal_and_missing(local_root, d, status):
     with pytest.raises(ImageAccessError) as error:
         fetcher.fetch(f"/data/local-files/?d={d}")
     assert error.value.status == status
+    assert str(local_root) not in error.value.reason and "root" not in error.value.reason.replace("_ROOT", "")
 
 
 def test_local_files_symlink_escape_rejected(local_root, tmp_path):
@@ -551,11 +618,11 @@ def test_settings_from_env():
     assert settings.label_studio_url == "http://ls:8080" and settings.api_key == "key"
     assert settings.allowed_image_hosts == ("cdn.example.com", "*.images.example.com", "10.0.0.5:8000")
     assert (settings.max_image_pixels, settings.max_download_bytes) == (1_000_000, 2048)
-    assert settings.host_allowed("http://ls:8080/x.png") and not settings.host_allowed("https://ls:8080/x.png")
-    assert settings.host_allowed("https://cdn.example.com/a.png")
-    assert settings.host_allowed("https://a.images.example.com/a.png")
-    assert not settings.host_allowed("https://images.example.com.evil.net/a.png")
-    assert settings.host_allowed("http://10.0.0.5:8000/a") and not settings.host_allowed("http://10.0.0.5/a")
+    assert settings.host_allowed(parse_http_url("http://ls:8080/x.png")) and not settings.host_allowed(parse_http_url("https://ls:8080/x.png"))
+    assert settings.host_allowed(parse_http_url("https://cdn.example.com/a.png"))
+    assert settings.host_allowed(parse_http_url("https://a.images.example.com/a.png"))
+    assert not settings.host_allowed(parse_http_url("https://images.example.com.evil.net/a.png"))
+    assert settings.host_allowed(parse_http_url("http://10.0.0.5:8000/a")) and not settings.host_allowed(parse_http_url("http://10.0.0.5/a"))
     defaults = ImageAccessSettings.from_env({})
     assert defaults.label_studio_url is None and defaults.max_image_pixels == 50_000_000
     assert defaults.allowed_image_hosts == ()
@@ -568,7 +635,9 @@ def test_settings_from_env():
         ({"MAX_IMAGE_PIXELS": "lots"}, "MAX_IMAGE_PIXELS must be a positive integer"),
         ({"MAX_IMAGE_BYTES": "0"}, "MAX_IMAGE_BYTES must be a positive integer"),
         ({"LOCAL_FILES_DOCUMENT_ROOT": "/"}, "must not be the filesystem root"),
-        ({"ALLOWED_IMAGE_HOSTS": "cdn.example.com/images"}, "must be a host or host:port"),
+        ({"ALLOWED_IMAGE_HOSTS": "cdn.example.com/images"}, "must be a host, host:port or host:\\*"),
+        ({"ALLOWED_IMAGE_HOSTS": "a@cdn.example.com"}, "must be a host, host:port or host:\\*"),
+        ({"ALLOWED_IMAGE_HOSTS": "cdn.example.com:70000"}, "must be a host, host:port or host:\\*"),
     ],
 )
 def test_settings_reject_bad_values(env, message):
@@ -596,3 +665,36 @@ def test_errors_to_json():
     assert ImageAccessError("u", "r").status == 502
     with pytest.raises(ValueError, match="400..599"):
         BackendError("x", status=200)
+
+
+def test_a_trickling_source_is_cut_off_at_the_timeout_for_the_whole_download():
+    """One byte every 0.2 s never trips a per-read timeout; the download as a whole stops at `timeout`."""
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fetcher = fetcher_for(None, allowed_image_hosts=[f"127.0.0.1:{server.server_port}"], timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(ImageAccessError, match="took more than 1 s") as error:
+            fetcher.fetch(f"http://127.0.0.1:{server.server_port}/slow.png")
+        assert error.value.status == 504 and time.monotonic() - started < 3
+    finally:
+        server.shutdown()
+        server.server_close()

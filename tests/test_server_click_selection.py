@@ -194,6 +194,22 @@ def test_a_restarted_server_replays_the_clicks_to_the_same_object(label_studio, 
     assert calls == [(1, False), (2, True)]  # replayed click by click, with mask feedback
 
 
+def test_a_long_replay_is_bounded_to_a_few_model_calls(label_studio, backend):
+    """A fresh server given 40 prompts of one object makes MAX_REPLAYED_PROMPTS calls, not 40: the
+    first takes the clicks up to there, the others feed the mask back; the mask is the same."""
+    from backend.click_selection import MAX_REPLAYED_PROMPTS
+
+    clicks = [A1, A2] + [pixel_keypoint(5 + i, 3, False) for i in range(18)] + \
+             [pixel_keypoint(22 + i, 62 + i) for i in range(20)]  # negatives on the background, positives on B
+    for n in range(1, len(clicks) + 1):
+        expected = backend.click(backend.url, clicks[:n])
+    region, calls = fresh_backend_click(label_studio, clicks)
+    assert region == expected
+    assert_mask_of(region, MASKS["A"] | MASKS["B"])
+    first = len(clicks) - MAX_REPLAYED_PROMPTS + 1
+    assert calls == [(first, False)] + [(n, True) for n in range(first + 1, len(clicks) + 1)]
+
+
 def test_deleting_a_click_replays_from_the_last_unchanged_object(backend):
     for context in ([A1], [A1, A2], [A1, A2, B2]):
         backend.click(backend.url, context)
@@ -240,7 +256,7 @@ def test_region_cache_forgets_regions_the_task_no_longer_has():
     regions = [Exemplar("draft:1", name, ("Object",), 120, 160, bytes(brush_result(MASKS[name], name)["value"]["rle"]))
                for name in ("A", "C")]
     cache = {}
-    first = click_selection.RegionMasks(regions, cache)
+    first = click_selection.RegionMasks(regions, (120, 160), cache)
     assert first.contains(prompt(A1), set()) and not first.contains(prompt(B1), set())
     assert first.contains(prompt(C1), set()) and not first.contains(prompt(C1), {"C"})
     for name, mask in cache.items():  # bit-packed inside the region's bounding box
@@ -249,9 +265,18 @@ def test_region_cache_forgets_regions_the_task_no_longer_has():
         assert mask.nbytes == -(-((mask.box[1] - mask.box[0]) * (mask.box[3] - mask.box[2])) // 8)
         assert np.array_equal(mask.crop(), MASKS[name[0]][mask.slices])
     assert len(cache) == 2
-    second = click_selection.RegionMasks(regions[:1], cache)
+    second = click_selection.RegionMasks(regions[:1], (120, 160), cache)
     second.prune()
     assert [key[0] for key in cache] == ["A"]
+
+
+def test_regions_of_another_size_than_the_image_are_never_decoded(monkeypatch):
+    """A draft declaring 32768 x 32768 pixels on a 160 x 120 image: skipped, no 1 GB decode."""
+    decoded = []
+    monkeypatch.setattr(click_selection, "rle_to_mask", lambda *args: decoded.append(args[1:]) or MASKS["A"])
+    big = Exemplar("draft:1", "big", ("Object",), 32768, 32768, bytes(brush_result(MASKS["A"], "big")["value"]["rle"]))
+    regions = click_selection.RegionMasks([big], (120, 160))
+    assert regions.regions == [] and not regions.contains(prompt(A1), set()) and decoded == []
 
 
 def prompt(item):

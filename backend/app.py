@@ -3,8 +3,9 @@
     GET  /health, /   -> {"status": "UP", "model_class", "model_version"}
     POST /setup       -> {"model_version"}
     POST /predict     -> {"results": [{"result", "score", "model_version"}, ...]}
-    POST /webhook     -> 201 {"action", "status"}; work runs in a background thread, training
-                         in a separate process (START_TRAINING -> "training started (job ...)")
+    POST /webhook     -> 201 {"action", "status"} once the payload is on disk (backend.webhook_inbox);
+                         work runs in a background thread, training in a separate process
+                         (START_TRAINING -> "training started (job ...)")
     GET  /versions    -> {"versions": [...], "default", "projects": {<project>: {"served", "versions"}}}
     GET  /jobs/<project> -> the project's last training job: state, progress, step, loss, evaluation
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -29,6 +31,7 @@ from .errors import BackendError
 from .logging_setup import configure_logging
 from .payload import as_object, bad_request
 from .service import ClickSegModel
+from .webhook_inbox import WebhookInbox
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,17 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def _open_inbox(settings: Settings) -> Optional[WebhookInbox]:
+    """``MODEL_DIR/webhooks.sqlite3``; None (webhooks then live in memory only) when it cannot be opened."""
+    path = settings.model_dir / "webhooks.sqlite3"
+    try:
+        return WebhookInbox(path)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("the webhook inbox cannot be opened; a worker that dies loses the webhooks it has not handled",
+                  extra={"path": str(path), "reason": str(exc)})
+        return None
+
+
 def _credentials_match(settings: Settings) -> bool:
     auth = request.authorization
     if auth is None or auth.type != "basic":
@@ -99,6 +113,25 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
     configure_logging(settings.log_level)
     service = service or ClickSegModel(settings)
     webhook_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook")
+    inbox = _open_inbox(settings)
+
+    def handle_webhook(entry: Optional[int], action: str, body: Dict[str, Any]) -> Dict[str, str]:
+        try:
+            return service.fit(action, body)
+        finally:
+            if inbox is not None and entry is not None:
+                inbox.done(entry)  # handled, or failed (logged): never replayed
+
+    if inbox is not None:
+        def replay_orphans() -> None:
+            for entry, action, body in inbox.claim_orphans():
+                log.warning("handling a webhook that a stopped worker had acknowledged", extra={"action": action})
+                try:
+                    handle_webhook(entry, action, body)
+                except Exception as exc:
+                    log.error("webhook handling failed", exc_info=exc)
+
+        webhook_worker.submit(replay_orphans)
 
     app = Flask("ls_clickseg")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
@@ -185,7 +218,12 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
         if not isinstance(action, str) or not action:
             raise bad_request("the webhook payload has no 'action' string")
         service.check_webhook(action, body)  # a malformed payload is a 400 here, not a log line later
-        future = webhook_worker.submit(service.fit, action, body)
+        try:
+            entry = inbox.put(action, body) if inbox is not None else None  # on disk before the 201
+        except sqlite3.Error as exc:
+            raise BackendError(f"the webhook could not be stored ({exc}); Label Studio should send it again",
+                               status=503) from None
+        future = webhook_worker.submit(handle_webhook, entry, action, body)
         future.add_done_callback(_log_fit_failure)
         try:
             status = future.result(timeout=WEBHOOK_WAIT_SECONDS).get("status", "ok")

@@ -75,17 +75,6 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def _open_inbox(settings: Settings) -> Optional[WebhookInbox]:
-    """``MODEL_DIR/webhooks.sqlite3``; None (webhooks then live in memory only) when it cannot be opened."""
-    path = settings.model_dir / "webhooks.sqlite3"
-    try:
-        return WebhookInbox(path)
-    except (OSError, sqlite3.Error) as exc:
-        log.error("the webhook inbox cannot be opened; a worker that dies loses the webhooks it has not handled",
-                  extra={"path": str(path), "reason": str(exc)})
-        return None
-
-
 def _credentials_match(settings: Settings) -> bool:
     auth = request.authorization
     if auth is None or auth.type != "basic":
@@ -113,25 +102,29 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
     configure_logging(settings.log_level)
     service = service or ClickSegModel(settings)
     webhook_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook")
-    inbox = _open_inbox(settings)
+    inbox = WebhookInbox(settings.model_dir / "webhooks.sqlite3")  # opened on the first webhook
 
     def handle_webhook(entry: Optional[int], action: str, body: Dict[str, Any]) -> Dict[str, str]:
         try:
             return service.fit(action, body)
         finally:
-            if inbox is not None and entry is not None:
+            if entry is not None:
                 inbox.done(entry)  # handled, or failed (logged): never replayed
 
-    if inbox is not None:
-        def replay_orphans() -> None:
-            for entry, action, body in inbox.claim_orphans():
-                log.warning("handling a webhook that a stopped worker had acknowledged", extra={"action": action})
-                try:
-                    handle_webhook(entry, action, body)
-                except Exception as exc:
-                    log.error("webhook handling failed", exc_info=exc)
+    def replay_orphans() -> None:
+        try:
+            orphans = inbox.claim_orphans()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("the webhook inbox cannot be read", extra={"path": str(inbox.path), "reason": str(exc)})
+            return
+        for entry, action, body in orphans:
+            log.warning("handling a webhook that a stopped worker had acknowledged", extra={"action": action})
+            try:
+                handle_webhook(entry, action, body)
+            except Exception as exc:
+                log.error("webhook handling failed", exc_info=exc)
 
-        webhook_worker.submit(replay_orphans)
+    webhook_worker.submit(replay_orphans)
 
     app = Flask("ls_clickseg")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
@@ -219,8 +212,8 @@ def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegMo
             raise bad_request("the webhook payload has no 'action' string")
         service.check_webhook(action, body)  # a malformed payload is a 400 here, not a log line later
         try:
-            entry = inbox.put(action, body) if inbox is not None else None  # on disk before the 201
-        except sqlite3.Error as exc:
+            entry = inbox.put(action, body)  # on disk before the 201
+        except (OSError, sqlite3.Error) as exc:
             raise BackendError(f"the webhook could not be stored ({exc}); Label Studio should send it again",
                                status=503) from None
         future = webhook_worker.submit(handle_webhook, entry, action, body)

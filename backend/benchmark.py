@@ -15,10 +15,17 @@ click is a new object after ✓ (a lone keypoint at a new place near blob 2's ce
 one is a triggering click.
 
     python -m backend.benchmark --sizes 640x480,1024x768,2048x1365,4000x3000 --repeats 5
+
+``--memory-tasks N`` measures memory instead: N tasks, one click each, on images of the first
+size (each task its own session); every 50 tasks it prints the process's RSS and peak RSS, and
+the session cache's bytes against ``SESSION_CACHE_BYTES``:
+
+    SESSION_CACHE_BYTES=268435456 python -m backend.benchmark --memory-tasks 300 --sizes 2048x1365
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -140,6 +147,52 @@ def benchmark_size(size: Tuple[int, int], repeats: int, checkpoint: Optional[str
                        int(np.median(found)), repeats)
 
 
+def rss_mib() -> Tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB (Linux /proc)."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            fields[name] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def memory_run(size: Tuple[int, int], tasks: int, checkpoint: Optional[str] = None, every: int = 50) -> List[str]:
+    """Table lines: RSS, peak RSS and session-cache bytes after every ``every`` tasks of one click each."""
+    from .app import create_app
+    from .config import Settings
+    from .service import ClickSegModel
+
+    image, labels = synthetic_scene(*size, objects=RECALL_SCENE_OBJECTS)
+    height, width = labels.shape
+    ys, xs = np.nonzero(labels == 2)
+    lines = ["tasks   RSS MiB   peak MiB   session cache MiB (budget)   sessions"]
+    with tempfile.TemporaryDirectory() as model_dir:
+        env = {"MODEL_DIR": model_dir, "LOG_LEVEL": "WARNING",
+               "SESSION_CACHE_BYTES": os.environ.get("SESSION_CACHE_BYTES", "")}
+        if checkpoint:
+            env["CHECKPOINT"] = checkpoint
+        settings = Settings.from_env(env)
+        service = ClickSegModel(settings, fetcher=SceneFetcher(image))
+        client = create_app(settings, service).test_client()
+        cache = service.interactive.sessions.cache
+        for task_id in range(1, tasks + 1):
+            click = _keypoint(float(np.median(ys)), float(np.median(xs)), height, width, f"kp{task_id}")
+            task = {"id": task_id, "project": 1, "data": {"image": f"/data/upload/1/{task_id}.png"},
+                    "annotations": [], "drafts": []}
+            body = {"tasks": [task], "project": PROJECT, "label_config": LABEL_CONFIG,
+                    "params": {"context": {"result": [click]}}}
+            response = client.post("/predict", json=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"/predict answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
+            if task_id % every == 0 or task_id == tasks:
+                rss, peak = rss_mib()
+                lines.append(f"{task_id:5d}  {rss:8.0f}  {peak:9.0f}   {cache.total_bytes / 2**20:10.0f} "
+                             f"({settings.session_cache_bytes / 2**20:.0f}){'':12}{len(cache):5d}")
+                print("  " + lines[-1], file=sys.stderr)
+    return lines
+
+
 def format_table(rows: Sequence[EndToEndRow]) -> str:
     lines = ["size        /predict p50 (ms)  with recall p50 (ms)  added   proposals"]
     for r in rows:
@@ -153,6 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--sizes", default="640x480,1024x768,2048x1365,4000x3000", help="comma-separated WIDTHxHEIGHT")
     p.add_argument("--repeats", type=int, default=5, help="timed clicks per size and setting")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--memory-tasks", type=int, default=0,
+                   help="measure memory over this many tasks (one click each) on the first size instead")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("--repeats and --threads must be >= 1")
@@ -160,6 +215,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.set_num_threads(args.threads)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine_info().items()))
+    if args.memory_tasks < 0:
+        raise SystemExit("--memory-tasks must be >= 0")
+    if args.memory_tasks:
+        print("\n".join(memory_run(parse_sizes(args.sizes)[0], args.memory_tasks, args.checkpoint)))
+        return 0
     rows: List[EndToEndRow] = []
     for size in parse_sizes(args.sizes):
         rows.append(benchmark_size(size, args.repeats, args.checkpoint))

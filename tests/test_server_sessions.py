@@ -97,3 +97,16 @@ def test_session_store_stays_within_its_byte_budget():
     for task in range(10):
         store.get_or_create(("p", task, "u"), lambda: TaskSession(image_state=FakeState(100)))
     assert store.cache.total_bytes <= 250 and len(store.cache) == 2
+
+
+def test_the_memory_benchmark_keeps_the_session_cache_within_its_budget(monkeypatch):
+    """`backend.benchmark --memory-tasks`: one line per 50 tasks; the cache never exceeds SESSION_CACHE_BYTES."""
+    from backend.benchmark import memory_run
+
+    monkeypatch.setenv("SESSION_CACHE_BYTES", str(4 << 20))
+    lines = memory_run((160, 120), tasks=12, every=5)
+    assert lines[0].startswith("tasks") and [int(line.split()[0]) for line in lines[1:]] == [5, 10, 12]
+    for line in lines[1:]:
+        cache_mib, budget = float(line.split()[3]), line.split()[4]
+        assert budget == "(4)" and cache_mib <= 4
+        assert 0 < int(line.split()[-1]) < 12  # older sessions were evicted

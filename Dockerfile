@@ -30,8 +30,7 @@ USER clickseg
 EXPOSE 9090
 VOLUME ["/models"]
 
-# Healthy = gunicorn accepts connections on PORT (works with and without basic auth).
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD python -c "import os, socket; socket.create_connection(('127.0.0.1', int(os.environ['PORT'])), 4).close()"
+# Healthy = the app answers GET /health (200, or 401 with basic auth on), not just a TCP accept.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["python", "-m", "backend.healthcheck"]
 
 CMD ["gunicorn", "-c", "backend/gunicorn.conf.py", "backend.wsgi:app"]

@@ -25,7 +25,7 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 # values from the server that starts it, whatever its own environment holds.
 ENV_VARS = (
     "MODEL_DIR", "CHECKPOINT", "DEVICE", "CFR_STEPS", "WORKERS", "THREADS", "LOG_LEVEL", "HOST", "PORT",
-    "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SESSION_CACHE_BYTES", "EXEMPLAR_MAX_TASKS",
+    "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SESSION_CACHE_BYTES", "EXEMPLAR_MAX_TASKS", "REQUEST_READ_TIMEOUT",
     "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "ALLOWED_IMAGE_HOSTS",
     "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES",
     "RECALL", "RECALL_MIN_SCORE", "RECALL_MIN_AREA", "RECALL_MAX_PROPOSALS",
@@ -132,6 +132,7 @@ class Settings:
     session_cache_bytes: int
     image_access: ImageAccessSettings
     exemplar_max_tasks: int = 2000
+    request_read_timeout: int = 15  # REQUEST_READ_TIMEOUT: seconds a client may stay silent mid-request (gunicorn)
     recall: bool = True  # RECALL: propose objects like the accepted ones (models with a recall branch)
     recall_min_score: float = PROPOSAL_MIN_SCORE  # RECALL_MIN_SCORE: proposals scoring less are dropped
     recall_min_area: int = 64  # RECALL_MIN_AREA: smallest proposal, in image pixels
@@ -173,6 +174,7 @@ class Settings:
             session_cache_bytes=_int(env, "SESSION_CACHE_BYTES", 1 << 30, minimum=0),
             image_access=ImageAccessSettings.from_env(env),
             exemplar_max_tasks=_int(env, "EXEMPLAR_MAX_TASKS", 2000, minimum=1),
+            request_read_timeout=_int(env, "REQUEST_READ_TIMEOUT", 15, minimum=1),
             recall=_bool(env, "RECALL", True),
             recall_min_score=_float(env, "RECALL_MIN_SCORE", PROPOSAL_MIN_SCORE, low=0.0, high=1.0),
             recall_min_area=_int(env, "RECALL_MIN_AREA", 64, minimum=1),

@@ -4,10 +4,30 @@ The model is never loaded in the master: ``preload_app`` stays off and each work
 the checkpoint after forking (``post_worker_init``), so CUDA is only ever initialised in
 the process that uses it. A checkpoint that fails to load stops the worker at boot.
 """
+from gunicorn.workers import gthread
+
 from backend.config import Settings
 from backend.logging_setup import JsonFormatter
 
 _settings = Settings.from_env()
+
+
+class _ReadTimeoutConnection(gthread.TConn):
+    """A connection whose reads and writes time out after REQUEST_READ_TIMEOUT seconds of silence.
+
+    gthread waits for a request's first bytes without holding a thread, but then reads the rest
+    with a blocking socket and no timeout: a few clients that stop mid-request (headers or a body
+    that never ends, a TLS ClientHello on the plain port) would hold every thread, and /health
+    with them. gthread calls ``init`` on every request of a connection, after making the socket
+    blocking, so the timeout is set again each time.
+    """
+
+    def init(self):
+        super().init()
+        self.sock.settimeout(_settings.request_read_timeout)
+
+
+gthread.TConn = _ReadTimeoutConnection  # gthread's worker builds its connections from this name
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers

@@ -411,6 +411,55 @@ def test_gunicorn_serves_the_wsgi_app_with_json_logs(label_studio, checkpoint, t
     assert any(r["message"] == "interactive prediction" for r in records)
 
 
+def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path):
+    """Four connections stuck in their headers or body, with two threads: /health still answers
+    once REQUEST_READ_TIMEOUT has passed, and the stuck connections are closed."""
+    import socket
+
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "CHECKPOINT": str(checkpoint), "WORKERS": "1",
+           "THREADS": "2", "DEVICE": "cpu", "LOG_LEVEL": "WARNING", "REQUEST_READ_TIMEOUT": "2",
+           "MODEL_DIR": str(tmp_path / "model_dir")}
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    with open(tmp_path / "gunicorn.log", "w") as log:
+        process = subprocess.Popen([str(gunicorn), "-c", "backend/gunicorn.conf.py", "backend.wsgi:app"],
+                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    stuck = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert requests.get(f"{base}/health", timeout=5).status_code == 200
+                break
+            except (requests.ConnectionError, requests.Timeout):
+                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
+                time.sleep(0.5)
+        for partial in (b"POST /predict HTTP/1.1\r\nHost: x\r\n", b"GET /health HTTP/1.1\r\nHo",
+                        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+                        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):  # the last: a TLS ClientHello
+            conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+            conn.sendall(partial)
+            stuck.append(conn)
+        started = time.monotonic()
+        assert requests.get(f"{base}/health", timeout=30).status_code == 200
+        assert time.monotonic() - started < 15
+        for conn in stuck:  # the server gave up on each: the next read sees the end (or a 4xx) at once
+            conn.settimeout(15)
+            try:
+                conn.recv(4096)
+            except ConnectionResetError:
+                pass
+        healthcheck = subprocess.run([sys.executable, "-m", "backend.healthcheck"], cwd=REPO, timeout=30,
+                                     env={**os.environ, "PORT": str(port)})
+        assert healthcheck.returncode == 0  # the Docker HEALTHCHECK
+    finally:
+        for conn in stuck:
+            conn.close()
+        process.terminate()
+        process.wait(30)
+
+
 def test_gunicorn_stops_at_boot_when_the_checkpoint_cannot_load(tmp_path):
     missing = tmp_path / "absent.safetensors"
     env = {**os.environ, "PORT": str(free_port()), "HOST": "127.0.0.1", "CHECKPOINT": str(missing), "DEVICE": "cpu"}

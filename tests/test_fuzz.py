@@ -19,7 +19,6 @@ import os
 import random
 import socket
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -32,8 +31,6 @@ from backend.config import Settings
 from backend.service import ClickSegModel
 from model.predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 from test_server_support import (
-    LABEL_CONFIG,
-    PROJECT,
     annotation,
     brush_result,
     draft,

@@ -92,11 +92,21 @@ class EndToEndRow:
         return 100 * (self.recall_click_p50_ms - self.click_p50_ms) / self.click_p50_ms
 
 
-def benchmark_size(size: Tuple[int, int], repeats: int, checkpoint: Optional[str] = None) -> EndToEndRow:
+def _serving(image: np.ndarray, model_dir: str, checkpoint: Optional[str], **env: str):
+    """(settings, service, test client) of the WSGI app serving ``image`` for every task URL."""
     from .app import create_app
     from .config import Settings
     from .service import ClickSegModel
 
+    env = {"MODEL_DIR": model_dir, "LOG_LEVEL": "WARNING", **env}
+    if checkpoint:
+        env["CHECKPOINT"] = checkpoint
+    settings = Settings.from_env(env)
+    service = ClickSegModel(settings, fetcher=SceneFetcher(image))
+    return settings, service, create_app(settings, service).test_client()
+
+
+def benchmark_size(size: Tuple[int, int], repeats: int, checkpoint: Optional[str] = None) -> EndToEndRow:
     image, labels = synthetic_scene(*size, objects=RECALL_SCENE_OBJECTS)
     height, width = labels.shape
     ys, xs = np.nonzero(labels == 2)
@@ -107,12 +117,7 @@ def benchmark_size(size: Tuple[int, int], repeats: int, checkpoint: Optional[str
         "id": "accepted1", "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual",
     }
     with tempfile.TemporaryDirectory() as model_dir:
-        env = {"MODEL_DIR": model_dir, "LOG_LEVEL": "WARNING"}
-        if checkpoint:
-            env["CHECKPOINT"] = checkpoint
-        settings = Settings.from_env(env)
-        service = ClickSegModel(settings, fetcher=SceneFetcher(image))
-        client = create_app(settings, service).test_client()
+        _, service, client = _serving(image, model_dir, checkpoint)
         counter = iter(range(10**6))
 
         def post(with_exemplar: bool, clicks: int = 1) -> Tuple[float, int]:
@@ -159,22 +164,13 @@ def rss_mib() -> Tuple[float, float]:
 
 def memory_run(size: Tuple[int, int], tasks: int, checkpoint: Optional[str] = None, every: int = 50) -> List[str]:
     """Table lines: RSS, peak RSS and session-cache bytes after every ``every`` tasks of one click each."""
-    from .app import create_app
-    from .config import Settings
-    from .service import ClickSegModel
-
     image, labels = synthetic_scene(*size, objects=RECALL_SCENE_OBJECTS)
     height, width = labels.shape
     ys, xs = np.nonzero(labels == 2)
     lines = ["tasks   RSS MiB   peak MiB   session cache MiB (budget)   sessions"]
     with tempfile.TemporaryDirectory() as model_dir:
-        env = {"MODEL_DIR": model_dir, "LOG_LEVEL": "WARNING",
-               "SESSION_CACHE_BYTES": os.environ.get("SESSION_CACHE_BYTES", "")}
-        if checkpoint:
-            env["CHECKPOINT"] = checkpoint
-        settings = Settings.from_env(env)
-        service = ClickSegModel(settings, fetcher=SceneFetcher(image))
-        client = create_app(settings, service).test_client()
+        settings, service, client = _serving(image, model_dir, checkpoint,
+                                             SESSION_CACHE_BYTES=os.environ.get("SESSION_CACHE_BYTES", ""))
         cache = service.interactive.sessions.cache
         for task_id in range(1, tasks + 1):
             click = _keypoint(float(np.median(ys)), float(np.median(xs)), height, width, f"kp{task_id}")

@@ -212,10 +212,10 @@ class RegionMasks:
                  cache: Optional[Dict[RegionKey, Optional[BoxMask]]] = None):
         """``regions`` of another size than the image's ``shape`` (H, W) are left out, never decoded."""
         self.regions = [r for r in regions if (r.height, r.width) == tuple(shape)]
-        if len(self.regions) < len(regions):
-            log.warning("ignoring saved brush regions of another size than the image", extra={
-                "image": f"{shape[1]}x{shape[0]}",
-                "regions": [f"{r.region_id} {r.width}x{r.height}" for r in regions if r not in self.regions][:10]})
+        other_size = [f"{r.region_id} {r.width}x{r.height}" for r in regions if (r.height, r.width) != tuple(shape)]
+        if other_size:
+            log.warning("ignoring saved brush regions of another size than the image",
+                        extra={"image": f"{shape[1]}x{shape[0]}", "regions": other_size[:10]})
         self.cache = {} if cache is None else cache
         self._keys = [(r.region_id, r.width, r.height, hash(r.rle)) for r in self.regions]
 
@@ -301,8 +301,7 @@ class ObjectTracker:
         self._model = model
         self._namespace = namespace
         self.predictions = 0  # model calls made by this tracker (for logs and tests)
-        self._deferring = False
-        self._deferred_until = 0
+        self._deferring = False  # while a capped replay applies prompts without model calls
 
     def segment(self, history: ClickHistory, prompts: Sequence[Prompt], regions: RegionMasks) -> TrackedObject:
         if not prompts:
@@ -332,11 +331,11 @@ class ObjectTracker:
 
         # Bounded work: prompts before the last MAX_REPLAYED_PROMPTS are applied without model calls
         # (their objects' clicks are kept); the first replayed call then takes all of its object's clicks.
-        self._deferred_until = max(begin, len(prompts) - MAX_REPLAYED_PROMPTS)
-        if self._deferred_until > begin:
+        deferred_until = max(begin, len(prompts) - MAX_REPLAYED_PROMPTS)
+        if deferred_until > begin:
             log.info("replay capped", extra={"prompts": len(prompts) - begin, "replayed": MAX_REPLAYED_PROMPTS})
         for index in range(begin, len(prompts)):
-            self._deferring = index < self._deferred_until
+            self._deferring = index < deferred_until
             if carried is not None and index == 0:
                 current = self._after_lone_prompt(prompts[0], carried, history)
             else:

@@ -5,6 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages never echo a huge payload."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class BackendError(Exception):
     """An error with an HTTP status and a message meant for the Label Studio admin.
 

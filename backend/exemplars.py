@@ -44,6 +44,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import short_repr
 from .rle import rle_to_mask
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def project_key(project: Any) -> str:
             return str(int(project))
     elif isinstance(project, int) and not isinstance(project, bool) and 0 <= project < 10 ** MAX_ID_DIGITS:
         return str(project)
-    raise ValueError(f"project must be a Label Studio project id (int, 'id' or 'id.timestamp'), got {_short(project)}")
+    raise ValueError(f"project must be a Label Studio project id (int, 'id' or 'id.timestamp'), got {short_repr(project)}")
 
 
 def task_key(task_id: Any) -> str:
@@ -85,13 +86,8 @@ def task_key(task_id: Any) -> str:
         return str(int(task_id))
     if isinstance(task_id, int) and not isinstance(task_id, bool) and 0 <= task_id < 10 ** MAX_ID_DIGITS:
         return str(task_id)
-    raise ValueError(f"task id must be a non-negative integer of at most {MAX_ID_DIGITS} digits, got {_short(task_id)}")
+    raise ValueError(f"task id must be a non-negative integer of at most {MAX_ID_DIGITS} digits, got {short_repr(task_id)}")
 
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (error messages never echo a huge payload)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def source_key(kind: str, entry_id: Any) -> str:
@@ -100,7 +96,7 @@ def source_key(kind: str, entry_id: Any) -> str:
         raise ValueError(f"source kind must be one of {SOURCE_KINDS}, got {kind!r}")
     if (isinstance(entry_id, bool) or not isinstance(entry_id, (int, str)) or str(entry_id) == ""
             or len(str(entry_id)) > MAX_ID_CHARS):
-        raise ValueError(f"{kind} id must be an integer or a non-empty string, got {_short(entry_id)}")
+        raise ValueError(f"{kind} id must be an integer or a non-empty string, got {short_repr(entry_id)}")
     return f"{kind}:{entry_id}"
 
 

@@ -103,6 +103,22 @@ _IPV6_LITERAL = re.compile(r"^\[[0-9a-f:.]+\]$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def _split_host_port(netloc: str) -> tuple[str, str]:
+    """``(host, port text)`` of ``host[:port]`` (port text "" when absent); an [IPv6] literal keeps its colons."""
+    if netloc.endswith("]") or ":" not in netloc:
+        return netloc, ""
+    host, _, port = netloc.rpartition(":")
+    return host, port
+
+
+def _is_host(host: str) -> bool:
+    return bool(_HOST_NAME.match(host) or _IPV6_LITERAL.match(host))
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
+
+
 @dataclass(frozen=True)
 class HttpTarget:
     """An unambiguous http(s) URL: the host and port that the allow-list checks are the ones connected to."""
@@ -146,26 +162,17 @@ def parse_http_url(url: str) -> HttpTarget:
     netloc = parts.netloc
     if "@" in netloc:
         raise ValueError("the URL carries user info (user@host); credentials in image URLs are not supported")
-    host, _, port_text = netloc.rpartition(":") if not netloc.endswith("]") else (netloc, "", "")
-    if not host:  # no ":" at all
-        host, port_text = netloc, ""
+    host, port_text = _split_host_port(netloc)
     host = host.lower()
-    if not (_HOST_NAME.match(host) or _IPV6_LITERAL.match(host)) or len(host) > 253:
+    if not _is_host(host) or len(host) > 253:
         raise ValueError(f"the URL host {host[:80]!r} is not a valid host name or IP address")
-    if port_text and not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
+    if port_text and not _is_port(port_text):
         raise ValueError(f"the URL port {port_text[:20]!r} is not a number from 1 to 65535")
     port = int(port_text) if port_text else _DEFAULT_PORTS[scheme]
     seen_port = seen.port or _DEFAULT_PORTS[scheme]
     if (seen.scheme, (seen.host or "").lower(), seen_port) != (scheme, host, port):
         raise ValueError("the URL is read differently by the connection library; refusing it")
     return HttpTarget(scheme, host, port, url.split("#", 1)[0])
-
-
-def http_target_or_none(url: str) -> HttpTarget | None:
-    try:
-        return parse_http_url(url)
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -190,12 +197,8 @@ def _parse_host_rule(entry: str) -> _HostRule:
     text = entry.strip().lower()
     if text in ("*", ""):
         return _HostRule("*", None)
-    host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
-    if not sep:
-        host, port = text, ""
-    pattern = host[2:] if host.startswith("*.") else host
-    valid_host = bool(_HOST_NAME.match(pattern) or _IPV6_LITERAL.match(pattern))
-    if not valid_host or (port and port != "*" and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
+    host, port = _split_host_port(text)
+    if not _is_host(host[2:] if host.startswith("*.") else host) or (port and port != "*" and not _is_port(port)):
         raise ValueError(f"ALLOWED_IMAGE_HOSTS entry {entry!r} must be a host, host:port or host:* "
                          "(optionally *.domain)")
     return _HostRule(host, None if port == "*" else int(port) if port else 0)
@@ -203,8 +206,10 @@ def _parse_host_rule(entry: str) -> _HostRule:
 
 def _origin(url: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of an unambiguous http(s) URL, with the scheme's default port; None otherwise."""
-    target = http_target_or_none(url)
-    return None if target is None else target.origin
+    try:
+        return parse_http_url(url).origin
+    except ValueError:
+        return None
 
 
 def _has_dot_segments(path: str) -> bool:

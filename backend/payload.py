@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from .errors import BackendError
+from .errors import BackendError, short_repr
+from .exemplars import MAX_ID_CHARS, MAX_ID_DIGITS
 
 MAX_CONTEXT_ITEMS = 1000  # per request; the editor sends the smart regions of one image
 PROMPT_TYPES = {"keypointlabels": "KeyPointLabels", "rectanglelabels": "RectangleLabels"}
@@ -147,13 +148,6 @@ def _number(value: Any, where: str) -> float:
     return number
 
 
-def short_repr(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: error messages never echo a huge payload."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
-        return f"an integer of {len(str(abs(value)))} digits"
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
 
 def _percent(value: Any, where: str) -> float:
     number = _number(value, where)
@@ -198,7 +192,7 @@ def parse_prompt(item: Any, config: LabelConfig, where: str) -> Optional[Prompt]
         label=_label(value, result_type, where),
         x=_percent(value.get("x"), f"{where}.value.x"),
         y=_percent(value.get("y"), f"{where}.value.y"),
-        region_id=str(item.get("id", ""))[:200],
+        region_id=str(item.get("id", ""))[:MAX_ID_CHARS],
     )
     if result_type == "keypointlabels":
         return Prompt(kind="keypoint", is_positive=is_positive, **common)
@@ -242,8 +236,8 @@ def current_group(prompts: Sequence[Prompt]) -> List[Prompt]:
 
 def task_id(task: Mapping[str, Any], where: str) -> int:
     value = task.get("id")
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10 ** 18:
-        raise bad_request(f"{where}.id must be an integer task id (0 to 10^18), got {short_repr(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10 ** MAX_ID_DIGITS:
+        raise bad_request(f"{where}.id must be an integer task id (0 to 10^{MAX_ID_DIGITS}), got {short_repr(value)}")
     return value
 
 

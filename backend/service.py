@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections import OrderedDict
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from model.checkpoint import resolve_device
 from model.predictor import ClickSegPredictor
 
 from .config import Settings
-from .errors import BackendError
+from .errors import BackendError, short_repr
 from .exemplars import SQLiteExemplarStore, project_key, regions_from_webhook
 from .images import ImageFetcher
 from .interactive import InteractivePipeline, InteractiveRequest, normalized_project
 from .model_thread import ModelThread
-from .payload import bad_request, parse_label_config, short_repr
+from .payload import bad_request, parse_label_config
 from .training_jobs import JobManager, ProjectModels
 
 log = logging.getLogger(__name__)

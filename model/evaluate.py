@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from .clicks import Click, Clicker, iou
+from .grabcut import GrabCutPredictor
 from .predictor import MASK_THRESHOLD as PRED_THRESHOLD  # CFR-ICL binarises with prob > 0.49
 NOC_THRESHOLDS = (0.85, 0.90, 0.95)
 NOF_THRESHOLDS = (0.85, 0.90)
@@ -277,6 +279,52 @@ def plot_miou(runs: Sequence[Run], path: str | Path, title: str = "") -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- the classical baseline
+
+BASELINES = {"grabcut": GrabCutPredictor}
+BASELINE_TARGET = 0.30  # the model's NoC@90 must be at least this much below the baseline's
+
+
+def baseline_run(name: str, objects: Sequence[Any], out_dir: str | Path, dataset: str, max_clicks: int = 20,
+                 stop_at_iou: Optional[float] = None, progress: bool = False) -> Run:
+    """The baseline ``name`` on ``objects``, cached in ``out_dir`` (it does not depend on the checkpoint).
+
+    The cache key holds the baseline's settings and every object's name, so a different sample
+    or clicker setting is evaluated afresh.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    predictor = BASELINES[name]()
+    key = {"baseline": name, "settings": vars(predictor), "dataset": dataset, "max_clicks": max_clicks,
+           "stop_at_iou": stop_at_iou, "objects": [o.name for o in objects]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(out_dir) / f"baseline-{name}-{safe_filename(dataset)[-60:]}-{digest}.json"
+    label = f"{name} (baseline)"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data["settings"].get("cache_key") == key:
+                return Run(label, data["summary"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            pass  # an unreadable cache is recomputed
+    result = evaluate_objects(predictor, objects, max_clicks, stop_at_iou, progress=progress)
+    result.settings.update({"label": label, "dataset": dataset, "cache_key": key})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=1))
+    tmp.replace(path)
+    return Run(label, result.summary())
+
+
+def versus_baseline(model: Mapping[str, Any], baseline: Mapping[str, Any]) -> str:
+    """One line: the model's NoC@90 against the baseline's, and whether it meets the target."""
+    ours, theirs = model["noc@90"], baseline["noc@90"]
+    change = (ours - theirs) / theirs if theirs else 0.0
+    verdict = "meets" if change <= -BASELINE_TARGET else "misses"
+    return (f"NoC@90 {ours:.2f} vs the baseline's {theirs:.2f}: {abs(change) * 100:.1f} % "
+            f"{'below' if change < 0 else 'above'} ({verdict} the target of {BASELINE_TARGET * 100:.0f} % below)")
+
+
 def safe_filename(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "run"
 
@@ -294,10 +342,15 @@ def write_outputs(result: EvalResult, out_dir: str | Path, compare: Sequence[Run
     return json_path, png_path, format_table(runs)
 
 
-def report(result: EvalResult, out_dir: str | Path, compare: Sequence[Run] = ()) -> None:
-    """Write the JSON and plot, print the table (stdout) and where they went (stderr)."""
-    json_path, png_path, table = write_outputs(result, out_dir, compare)
+def report(result: EvalResult, out_dir: str | Path, compare: Sequence[Run] = (), baseline: Optional[Run] = None) -> None:
+    """Write the JSON and plot, print the table (stdout) and where they went (stderr).
+
+    ``baseline`` is shown as the second row, with a line on how the run compares with it.
+    """
+    json_path, png_path, table = write_outputs(result, out_dir, ([baseline] if baseline else []) + list(compare))
     print(table)
+    if baseline:
+        print(versus_baseline(result.summary(), baseline.summary))
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
 
 
@@ -323,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None, help="name of this run in the table, plot and file names")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--compare", nargs="*", default=[], help="evaluation JSONs to show beside this run")
+    p.add_argument("--baseline", choices=sorted(BASELINES), default=None,
+                   help="also run this classical baseline on the same objects (cached in --out-dir)")
     return p
 
 
@@ -371,7 +426,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
-    report(result, args.out_dir, compare)
+    baseline = None
+    if args.baseline:
+        print(f"baseline {args.baseline} on the same {len(objects)} objects", file=sys.stderr)
+        baseline = baseline_run(args.baseline, objects, args.out_dir, args.dataset, args.max_clicks,
+                                args.stop_at_iou, progress=True)
+    report(result, args.out_dir, compare, baseline)
     return 0
 
 

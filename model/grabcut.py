@@ -1,0 +1,129 @@
+"""The classical baseline: OpenCV GrabCut (Rother et al., 2004) seeded by the same clicks.
+
+Every model table shows it beside the model, on the same objects, with the same clicker and
+metrics (``python -m model.evaluate --baseline grabcut``). Each call starts GrabCut afresh from
+all clicks so far; the previous mask is not used:
+
+- a positive click is definite foreground in a disk of ``sure_radius`` and probable foreground
+  in a disk of ``probable_fraction`` of the image's shorter side around it;
+- a negative click is definite background in a disk of ``sure_radius``;
+- every other pixel is probable background;
+- ``iterations`` rounds of GrabCut (colour GMMs + graph cut);
+- only the connected components of the result that hold a positive click are kept.
+
+Images whose longer side exceeds ``max_side`` are cut at that size and the mask is scaled back
+(GrabCut's cost grows with pixels; the model's zoom-in does the same for the network).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from .clicks import Click, validate_clicks
+
+SURE_RADIUS = 5
+PROBABLE_FRACTION = 0.15
+ITERATIONS = 5
+MAX_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class GrabCutImage:
+    """``bgr`` (h, w, 3) uint8, the image GrabCut works on; ``height``, ``width`` of the original."""
+
+    bgr: np.ndarray
+    height: int
+    width: int
+
+
+class GrabCutPredictor:
+    """The ``model.evaluate.Predictor`` interface on GrabCut; ``predict`` returns a 0/1 float map (H, W)."""
+
+    model_version = "grabcut"
+
+    def __init__(self, sure_radius: int = SURE_RADIUS, probable_fraction: float = PROBABLE_FRACTION,
+                 iterations: int = ITERATIONS, max_side: int = MAX_SIDE, seed: int = 0, warm_start: bool = True):
+        if sure_radius < 1 or iterations < 1 or max_side < 16 or not 0 < probable_fraction <= 1:
+            raise ValueError(f"GrabCutPredictor: bad settings sure_radius={sure_radius}, iterations={iterations}, "
+                             f"max_side={max_side}, probable_fraction={probable_fraction}")
+        self.sure_radius = sure_radius
+        self.probable_fraction = probable_fraction
+        self.iterations = iterations
+        self.max_side = max_side
+        self.seed = seed
+        self.warm_start = warm_start
+
+    def encode_image(self, image: np.ndarray) -> GrabCutImage:
+        """(H, W, 3) uint8 RGB -> the BGR image GrabCut works on, scaled to at most ``max_side``."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image: expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        height, width = image.shape[:2]
+        scale = min(1.0, self.max_side / max(height, width))
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        if scale < 1.0:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        return GrabCutImage(bgr, height, width)
+
+    def predict(self, state: GrabCutImage, clicks: Sequence[Click], prev_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """Clicks in original-image pixels -> (H, W) float32 map, 1 on the object."""
+        validate_clicks(clicks, state.height, state.width)
+        previous = None
+        if self.warm_start and prev_mask is not None:
+            previous = np.asarray(prev_mask).reshape(state.height, state.width) > 0.5
+            if previous.shape != state.bgr.shape[:2]:
+                previous = cv2.resize(previous.astype(np.uint8), state.bgr.shape[1::-1],
+                                      interpolation=cv2.INTER_NEAREST) > 0
+        small = self._segment(state.bgr, [_scaled(c, state) for c in clicks], previous)
+        if small.shape != (state.height, state.width):
+            small = cv2.resize(small, (state.width, state.height), interpolation=cv2.INTER_NEAREST)
+        return small.astype(np.float32)
+
+    def _segment(self, bgr: np.ndarray, clicks: Sequence[Click], previous: Optional[np.ndarray]) -> np.ndarray:
+        height, width = bgr.shape[:2]
+        positives = [c for c in clicks if c.is_positive]
+        if not positives:
+            return np.zeros((height, width), np.uint8)
+        seeds = np.full((height, width), cv2.GC_PR_BGD, np.uint8)
+        probable = max(self.sure_radius + 1, round(self.probable_fraction * min(height, width)))
+        if previous is not None and previous.any():
+            seeds[previous] = cv2.GC_PR_FGD  # the last answer, re-estimated with the new click
+            if clicks[-1].is_positive:
+                cv2.circle(seeds, _centre(clicks[-1]), probable, cv2.GC_PR_FGD, -1)
+        else:
+            for c in positives:
+                cv2.circle(seeds, _centre(c), probable, cv2.GC_PR_FGD, -1)
+        for c in clicks:  # definite seeds last, so a later click overrides an earlier probable disk
+            cv2.circle(seeds, _centre(c), self.sure_radius, cv2.GC_FGD if c.is_positive else cv2.GC_BGD, -1)
+        background = np.isin(seeds, (cv2.GC_BGD, cv2.GC_PR_BGD))
+        if background.any() and not background.all():
+            cv2.setRNGSeed(self.seed)
+            models = (np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64))
+            cv2.grabCut(bgr, seeds, None, *models, self.iterations, cv2.GC_INIT_WITH_MASK)
+        foreground = np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
+        return _components_with_clicks(foreground, positives)
+
+
+def _scaled(click: Click, state: GrabCutImage) -> Click:
+    """A click on the original image -> the same pixel centre on the GrabCut image."""
+    sy, sx = state.bgr.shape[0] / state.height, state.bgr.shape[1] / state.width
+    return Click((click.y + 0.5) * sy - 0.5, (click.x + 0.5) * sx - 0.5, click.is_positive)
+
+
+def _centre(click: Click) -> Tuple[int, int]:
+    return int(round(click.x)), int(round(click.y))
+
+
+def _components_with_clicks(mask: np.ndarray, positives: Sequence[Click]) -> np.ndarray:
+    """The connected components (8-connectivity) of ``mask`` that hold a positive click."""
+    count, labels = cv2.connectedComponents(mask, connectivity=8)
+    if count <= 1:
+        return mask
+    height, width = mask.shape
+    keep = {int(labels[min(max(int(round(c.y)), 0), height - 1), min(max(int(round(c.x)), 0), width - 1)])
+            for c in positives} - {0}
+    return np.isin(labels, sorted(keep)).astype(np.uint8) if keep else np.zeros_like(mask)

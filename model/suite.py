@@ -1,0 +1,167 @@
+"""The evaluation suite: one checkpoint beside the GrabCut baseline on every evaluation set.
+
+Sets (``--data-root`` = ``../shared/data``), each with the standard clicker of ``model.evaluate``:
+
+- ``bsds500-sod-val``: the 89 bsds500-sod object masks on BSDS500 ``val`` images;
+- ``coco-mini-heldout``: instances of at least 1 % of the image, on the fixed 20 % held-out images;
+- ``pennfudan-heldout``: pedestrians on the fixed 20 % held-out images;
+- ``bsds500-val-300``: the fixed 300-object sample of BSDS500 ``val`` regions;
+- ``wgisd-dev``: grape clusters (WGISD-dev is also a training set: an in-domain check, not held out).
+
+One table (stdout, and ``suite.md``), ``suite.json`` and ``suite.png`` (mIoU curves per set) in
+``--out-dir``, with the per-set evaluation JSONs beside them. Baseline runs are cached there, so
+evaluating another checkpoint costs the model's time only.
+
+    python -m model.suite --out-dir artifacts/suite
+    python -m model.suite --checkpoint runs/mix/last.safetensors --out-dir artifacts/suite --label mix
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .benchmark import machine_info
+from .data import open_objects
+from .evaluate import (BASELINE_TARGET, Run, baseline_run, evaluate_objects, safe_filename, versus_baseline,
+                       write_outputs)
+from .predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
+
+
+@dataclass(frozen=True)
+class SuiteSet:
+    name: str
+    spec: str  # a dataset spec with ``{root}`` for --data-root
+    max_objects: Optional[int]  # a fixed seed-0 sample, or every object
+    held_out: bool = True
+
+
+SUITE = (
+    SuiteSet("bsds500-sod-val", "sod:{root}/bsds500-sod:val", None),
+    SuiteSet("coco-mini-heldout", "instances:{root}/coco-mini:heldout", 100),
+    SuiteSet("pennfudan-heldout", "instances:{root}/pennfudan:heldout", None),
+    SuiteSet("bsds500-val-300", "bsds500:{root}/bsds500:val", 300),
+    SuiteSet("wgisd-dev", "wgisd:{root}/wgisd-dev", 60, held_out=False),
+)
+BASELINE = "grabcut"
+
+
+def run_set(predictor: Any, suite_set: SuiteSet, data_root: str, out_dir: Path, label: str, max_clicks: int,
+            stop_at_iou: Optional[float], max_objects: Optional[int]) -> Dict[str, Any]:
+    """Model and baseline on one set; writes the set's evaluation JSON and plot, returns both summaries."""
+    spec = suite_set.spec.format(root=data_root)
+    limit = suite_set.max_objects if max_objects is None else min(max_objects, suite_set.max_objects or max_objects)
+    objects = open_objects(spec, max_objects=limit, seed=0)
+    if not objects:
+        raise ValueError(f"suite set {suite_set.name} ({spec}) holds no objects")
+    print(f"{suite_set.name}: {len(objects)} objects, model then {BASELINE}", file=sys.stderr)
+    result = evaluate_objects(predictor, objects, max_clicks, stop_at_iou, progress=True)
+    result.settings.update({"label": f"{label}-{suite_set.name}", "dataset": spec, "max_objects": limit, "seed": 0})
+    baseline = baseline_run(BASELINE, objects, out_dir, spec, max_clicks, stop_at_iou, progress=True)
+    write_outputs(result, out_dir, [baseline])
+    return {"spec": spec, "held_out": suite_set.held_out, "model": result.summary(), "baseline": baseline.summary}
+
+
+def format_suite_table(label: str, sets: Dict[str, Dict[str, Any]]) -> str:
+    """A markdown table, one row per set: the model's metrics, the baseline's, and the NoC@90 change."""
+    header = ["set", "objects", "NoC@85", "NoC@90", "NoC@95", "NoF@90", "mIoU@1", "mIoU@5", "mIoU@20",
+              f"{BASELINE} NoC@90", f"{BASELINE} mIoU@1", "NoC@90 vs baseline"]
+    lines = [f"model: {label}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in sets.items():
+        m, b = entry["model"], entry["baseline"]
+        change = (m["noc@90"] - b["noc@90"]) / b["noc@90"] * 100 if b["noc@90"] else 0.0
+        curve = m["miou_curve"]
+        row = [name + ("" if entry["held_out"] else " (seen in training)"), str(m["num_objects"]),
+               f"{m['noc@85']:.2f}", f"{m['noc@90']:.2f}", f"{m['noc@95']:.2f}", str(m["nof@90"]),
+               f"{curve[0]:.4f}", f"{curve[min(4, len(curve) - 1)]:.4f}", f"{curve[-1]:.4f}",
+               f"{b['noc@90']:.2f}", f"{b['miou_curve'][0]:.4f}", f"{change:+.1f} %"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Target: NoC@90 at least {BASELINE_TARGET * 100:.0f} % below the baseline on every held-out set."]
+    return "\n".join(lines)
+
+
+def plot_suite(label: str, sets: Dict[str, Dict[str, Any]], path: Path) -> Path:
+    """mIoU against clicks, one panel per set, model beside baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3.2), dpi=110, squeeze=False)
+    for ax, (name, entry) in zip(axes[0], sets.items()):
+        for run_label, summary in ((label, entry["model"]), (BASELINE, entry["baseline"])):
+            curve = summary["miou_curve"]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=2, label=run_label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("clicks")
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("mIoU")
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.suite", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="checkpoint path (default: the embedded default)")
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--sets", default=",".join(s.name for s in SUITE), help="comma-separated subset of the sets")
+    p.add_argument("--max-objects", type=int, default=None, help="at most N objects per set (a quick look)")
+    p.add_argument("--max-clicks", type=int, default=20)
+    p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluate")
+    p.add_argument("--cfr-steps", type=int, default=None, help="CFR refinement steps (default: the predictor's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--label", default=None, help="the model's name in the table (default: the checkpoint's stem)")
+    p.add_argument("--out-dir", required=True)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    known = {s.name: s for s in SUITE}
+    names = [n.strip() for n in args.sets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"--sets: unknown {unknown or 'empty list'}; known: {', '.join(known)}")
+    if args.max_objects is not None and args.max_objects < 1:
+        raise SystemExit(f"--max-objects must be >= 1, got {args.max_objects}")
+    if not Path(args.data_root).is_dir():
+        raise SystemExit(f"--data-root {args.data_root} is not a directory")
+    checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
+    options: Dict[str, Any] = {} if args.cfr_steps is None else {"cfr_steps": args.cfr_steps}
+    predictor = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, **options)
+    label = args.label or Path(checkpoint).stem
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    sets: Dict[str, Dict[str, Any]] = {}
+    for name in names:
+        try:
+            sets[name] = run_set(predictor, known[name], args.data_root, out_dir, label, args.max_clicks,
+                                 args.stop_at_iou, args.max_objects)
+        except ValueError as exc:
+            raise SystemExit(f"suite set {name}: {exc}") from None
+        print(f"{name}: " + versus_baseline(sets[name]["model"], sets[name]["baseline"]), file=sys.stderr)
+    table = format_suite_table(f"{label} ({predictor.model_version}, CFR {predictor.cfr_steps})", sets)
+    settings = {"label": label, "checkpoint": checkpoint, "model_version": predictor.model_version,
+                "cfr_steps": predictor.cfr_steps, "max_clicks": args.max_clicks, "stop_at_iou": args.stop_at_iou,
+                "max_objects": args.max_objects, "baseline": BASELINE, "machine": machine_info(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    stem = f"suite-{safe_filename(label)}"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"settings": settings, "sets": sets}, indent=1))
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    plot_suite(label, sets, out_dir / f"{stem}.png")
+    print(table)
+    print(f"wrote {out_dir / stem}.json, .md and .png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,8 +131,8 @@ def _set_dotted(data: Dict[str, Any], dotted: str, value: Any) -> None:
     data[keys[-1]] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML)."""
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), cls: type = TrainConfig):
+    """A ``cls`` config from a YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML)."""
     data: Dict[str, Any] = {}
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -141,7 +141,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(value))
-    return _build_dataclass(TrainConfig, data)
+    return _build_dataclass(cls, data)
 
 
 def config_to_dict(config: TrainConfig) -> Dict[str, Any]:

@@ -1,0 +1,202 @@
+"""A training pack: a subset of the training sets in one small ``.npz`` that travels to an accelerator.
+
+Every image is resized to a long side of ``side`` px and stored as JPEG; its objects as one PNG
+label map (8- or 16-bit, 0 background). Only training splits are packed (never a held-out image).
+Large images (WGISD) are cut into tiles first, so that their objects keep a useful size.
+The pack is built here, from ``../shared``, and is never committed: it is data.
+
+    python -m model.pack --out runs/pack/train-pack.npz --budget-mib 46
+
+Arrays (``numpy.load(path)``, no pickles):
+- ``image_bytes`` uint8 (total,), ``image_offsets`` int64 (N + 1,): JPEG of image i at offsets[i]:offsets[i+1];
+- ``label_bytes``, ``label_offsets``: PNG label map of image i, the same way;
+- ``image_set`` int16 (N,): index into ``set_names`` / ``set_weights``;
+- ``object_image`` int32 (M,), ``object_label`` int32 (M,): object j is ``labels(object_image[j]) == object_label[j]``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from .data import ObjectRef, parse_dataset_spec, read_label_map, read_rgb
+
+
+@dataclass(frozen=True)
+class PackSource:
+    name: str
+    spec: str  # dataset spec with ``{root}``
+    weight: float  # sampling weight of the set in training
+    max_images: Optional[int]  # at most this many images (seeded choice)
+    tile: int = 0  # cut images into tiles of this size first (0: whole images)
+
+
+# The mix: training splits only; held-out images (model.suite) never enter.
+PACK_SOURCES = (
+    PackSource("duts-tr", "folder:{root}/duts-tr", 3.0, 2200),
+    PackSource("coco-mini-train", "instances:{root}/coco-mini:train", 2.0, None),
+    PackSource("pennfudan-train", "instances:{root}/pennfudan:train", 0.5, None),
+    PackSource("bsds500-sod-train", "sod:{root}/bsds500-sod:train", 0.5, None),
+    PackSource("bsds500-train-test", "bsds500:{root}/bsds500:train+test", 1.5, None),
+    PackSource("wgisd-dev", "wgisd:{root}/wgisd-dev", 1.0, None, tile=640),
+)
+
+
+def _resized(image: np.ndarray, labels: np.ndarray, side: int) -> Tuple[np.ndarray, np.ndarray]:
+    scale = side / max(image.shape[:2])
+    if scale >= 1.0:
+        return image, labels
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST))
+
+
+def _tiles(image: np.ndarray, labels: np.ndarray, tile: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    if tile <= 0:
+        yield image, labels
+        return
+    height, width = labels.shape
+    for y in range(0, max(1, height - tile // 2), tile):
+        for x in range(0, max(1, width - tile // 2), tile):
+            yield image[y:y + tile, x:x + tile], labels[y:y + tile, x:x + tile]
+
+
+def _image_groups(refs: Sequence[ObjectRef]) -> Dict[Tuple[str, str], List[ObjectRef]]:
+    groups: Dict[Tuple[str, str], List[ObjectRef]] = {}
+    for ref in refs:
+        groups.setdefault((ref.image_path, ref.label_path), []).append(ref)
+    return groups
+
+
+def build_pack(data_root: str, out: Path, side: int = 320, quality: int = 85, budget_mib: float = 46.0,
+               sources: Sequence[PackSource] = PACK_SOURCES, min_area: int = 64, seed: int = 0) -> Dict[str, int]:
+    """Write the pack to ``out`` (atomically); returns objects per set. ValueError if over budget."""
+    rng = np.random.default_rng(seed)
+    images, labels, image_set, object_image, object_label = [], [], [], [], []
+    counts: Dict[str, int] = {}
+    for set_index, source in enumerate(sources):
+        listing = parse_dataset_spec(source.spec.format(root=data_root))
+        groups = list(_image_groups(listing.refs).items())
+        if source.max_images is not None and len(groups) > source.max_images:
+            groups = [groups[i] for i in sorted(rng.choice(len(groups), source.max_images, replace=False))]
+        counts[source.name] = 0
+        for (image_path, label_path), refs in groups:
+            full_image, full_labels = read_rgb(image_path), read_label_map(label_path)
+            wanted = {ref.label for ref in refs}
+            for image, label_map in _tiles(full_image, full_labels, source.tile):
+                image, label_map = _resized(image, label_map, side)
+                ids, areas = np.unique(label_map, return_counts=True)
+                kept = [int(i) for i, a in zip(ids, areas) if int(i) in wanted and a >= min_area]
+                if not kept:
+                    continue
+                index = len(images)
+                images.append(_encode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]))
+                dtype = np.uint8 if label_map.max() < 256 else np.uint16
+                labels.append(_encode(".png", label_map.astype(dtype), [cv2.IMWRITE_PNG_COMPRESSION, 9]))
+                image_set.append(set_index)
+                object_image += [index] * len(kept)
+                object_label += kept
+                counts[source.name] += len(kept)
+    arrays = {
+        "image_bytes": np.concatenate(images), "image_offsets": _offsets(images),
+        "label_bytes": np.concatenate(labels), "label_offsets": _offsets(labels),
+        "image_set": np.asarray(image_set, np.int16),
+        "object_image": np.asarray(object_image, np.int32), "object_label": np.asarray(object_label, np.int32),
+        "set_names": np.asarray([s.name for s in sources]), "set_weights": np.asarray([s.weight for s in sources]),
+        "side": np.asarray(side),
+    }
+    size_mib = sum(a.nbytes for a in arrays.values()) / 2 ** 20
+    if size_mib > budget_mib:
+        raise ValueError(f"the pack would take {size_mib:.1f} MiB, over the {budget_mib} MiB budget: "
+                         "lower max_images, side or quality")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(out)
+    return counts
+
+
+def _encode(ext: str, array: np.ndarray, params: List[int]) -> np.ndarray:
+    ok, buffer = cv2.imencode(ext, array, params)
+    if not ok:
+        raise ValueError(f"could not encode a {array.shape} {array.dtype} array as {ext}")
+    return buffer.reshape(-1)
+
+
+def _offsets(chunks: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+
+
+@dataclass
+class Pack:
+    """A decoded pack: ``images`` (N, S, S, 3) uint8 and ``labels`` (N, S, S) int32, top-left aligned,
+    ``sizes`` (N, 2) = real (height, width); objects as (``object_image``, ``object_label``)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    sizes: np.ndarray
+    image_set: np.ndarray
+    object_image: np.ndarray
+    object_label: np.ndarray
+    set_names: List[str]
+    set_weights: np.ndarray
+
+    def object_weights(self) -> np.ndarray:
+        """Sampling probability of each object: its set's weight, shared by the set's objects."""
+        sets = self.image_set[self.object_image]
+        per_set = np.bincount(sets, minlength=len(self.set_names)).astype(np.float64)
+        weights = self.set_weights[sets] / per_set[sets]
+        return weights / weights.sum()
+
+
+def load_pack(path: str | Path) -> Pack:
+    """Decode every image and label map of the pack at ``path``; ValueError names what is wrong."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        side = int(data["side"])
+        count = len(data["image_offsets"]) - 1
+        images = np.zeros((count, side, side, 3), np.uint8)
+        labels = np.zeros((count, side, side), np.int32)
+        sizes = np.zeros((count, 2), np.int32)
+        for i in range(count):
+            a, b = data["image_offsets"][i:i + 2]
+            bgr = cv2.imdecode(data["image_bytes"][a:b], cv2.IMREAD_COLOR)
+            a, b = data["label_offsets"][i:i + 2]
+            label_map = cv2.imdecode(data["label_bytes"][a:b], cv2.IMREAD_UNCHANGED)
+            if bgr is None or label_map is None or bgr.shape[:2] != label_map.shape:
+                raise ValueError(f"image {i} of the pack does not decode to an image and a label map of one size")
+            h, w = label_map.shape
+            images[i, :h, :w] = bgr[:, :, ::-1]
+            labels[i, :h, :w] = label_map
+            sizes[i] = (h, w)
+        return Pack(images, labels, sizes, data["image_set"].astype(np.int64), data["object_image"].astype(np.int64),
+                    data["object_label"].astype(np.int64), [str(n) for n in data["set_names"]],
+                    data["set_weights"].astype(np.float64))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"training pack {path}: {exc}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.pack", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--out", default="runs/pack/train-pack.npz")
+    p.add_argument("--side", type=int, default=320)
+    p.add_argument("--quality", type=int, default=85)
+    p.add_argument("--budget-mib", type=float, default=46.0)
+    args = p.parse_args(argv)
+    try:
+        counts = build_pack(args.data_root, Path(args.out), args.side, args.quality, args.budget_mib)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    size = Path(args.out).stat().st_size / 2 ** 20
+    print(f"wrote {args.out}: {size:.1f} MiB, objects per set: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

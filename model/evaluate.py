@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -285,6 +285,25 @@ BASELINES = {"grabcut": GrabCutPredictor}
 BASELINE_TARGET = 0.30  # the model's NoC@90 must be at least this much below the baseline's
 
 
+def cached_evaluation(path: Path, key: Mapping[str, Any], label: str, compute: Callable[[], EvalResult]) -> Run:
+    """The run stored at ``path`` if its ``settings.cache_key`` equals ``key``; else ``compute()``, stored there."""
+    key = json.loads(json.dumps(key))  # as it reads back
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data["settings"].get("cache_key") == key:
+                return Run(label, data["summary"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable cache is recomputed
+    result = compute()
+    result.settings.update({"label": label, "cache_key": key})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=1))
+    tmp.replace(path)
+    return Run(label, result.summary())
+
+
 def baseline_run(name: str, objects: Sequence[Any], out_dir: str | Path, dataset: str, max_clicks: int = 20,
                  stop_at_iou: Optional[float] = None, progress: bool = False) -> Run:
     """The baseline ``name`` on ``objects``, cached in ``out_dir`` (it does not depend on the checkpoint).
@@ -299,21 +318,13 @@ def baseline_run(name: str, objects: Sequence[Any], out_dir: str | Path, dataset
            "stop_at_iou": stop_at_iou, "objects": [o.name for o in objects]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(out_dir) / f"baseline-{name}-{safe_filename(dataset)[-60:]}-{digest}.json"
-    label = f"{name} (baseline)"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if data["settings"].get("cache_key") == key:
-                return Run(label, data["summary"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            pass  # an unreadable cache is recomputed
-    result = evaluate_objects(predictor, objects, max_clicks, stop_at_iou, progress=progress)
-    result.settings.update({"label": label, "dataset": dataset, "cache_key": key})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=1))
-    tmp.replace(path)
-    return Run(label, result.summary())
+
+    def compute() -> EvalResult:
+        result = evaluate_objects(predictor, objects, max_clicks, stop_at_iou, progress=progress)
+        result.settings["dataset"] = dataset
+        return result
+
+    return cached_evaluation(path, key, f"{name} (baseline)", compute)
 
 
 def versus_baseline(model: Mapping[str, Any], baseline: Mapping[str, Any]) -> str:

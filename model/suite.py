@@ -8,9 +8,10 @@ Sets (``--data-root`` = ``../shared/data``), each with the standard clicker of `
 - ``bsds500-val-300``: the fixed 300-object sample of BSDS500 ``val`` regions;
 - ``wgisd-dev``: grape clusters (WGISD-dev is also a training set: an in-domain check, not held out).
 
-One table (stdout, and ``suite.md``), ``suite.json`` and ``suite.png`` (mIoU curves per set) in
-``--out-dir``, with the per-set evaluation JSONs beside them. Baseline runs are cached there, so
-evaluating another checkpoint costs the model's time only.
+One table (stdout, and ``suite-<label>.md``), ``suite-<label>.json`` and ``suite-<label>.png`` (mIoU
+curves per set) in ``--out-dir``, with the per-set evaluation JSONs beside them. Every model and
+baseline run is cached there by what it depends on, so another checkpoint costs the model's time
+only, and an interrupted suite resumes where it stopped.
 
     python -m model.suite --out-dir artifacts/suite
     python -m model.suite --checkpoint runs/mix/last.safetensors --out-dir artifacts/suite --label mix
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -27,8 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .benchmark import machine_info
 from .data import open_objects
-from .evaluate import (BASELINE_TARGET, Run, baseline_run, evaluate_objects, safe_filename, versus_baseline,
-                       write_outputs)
+from .evaluate import (BASELINE_TARGET, EvalResult, baseline_run, cached_evaluation, evaluate_objects, safe_filename,
+                       versus_baseline)
 from .predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 
 
@@ -50,25 +52,36 @@ SUITE = (
 BASELINE = "grabcut"
 
 
-def run_set(predictor: Any, suite_set: SuiteSet, data_root: str, out_dir: Path, label: str, max_clicks: int,
-            stop_at_iou: Optional[float], max_objects: Optional[int]) -> Dict[str, Any]:
-    """Model and baseline on one set; writes the set's evaluation JSON and plot, returns both summaries."""
+def run_set(predictor: Any, suite_set: SuiteSet, data_root: str, out_dir: Path, label: str, model_key: Dict[str, Any],
+            max_clicks: int, stop_at_iou: Optional[float], max_objects: Optional[int]) -> Dict[str, Any]:
+    """Model and baseline on one set, each cached as an evaluation JSON in ``out_dir``; returns both summaries.
+
+    ``model_key`` identifies the model (checkpoint digest and predictor settings), so a rerun after
+    an interruption evaluates only what is missing.
+    """
     spec = suite_set.spec.format(root=data_root)
     limit = suite_set.max_objects if max_objects is None else min(max_objects, suite_set.max_objects or max_objects)
     objects = open_objects(spec, max_objects=limit, seed=0)
     if not objects:
         raise ValueError(f"suite set {suite_set.name} ({spec}) holds no objects")
     print(f"{suite_set.name}: {len(objects)} objects, model then {BASELINE}", file=sys.stderr)
-    result = evaluate_objects(predictor, objects, max_clicks, stop_at_iou, progress=True)
-    result.settings.update({"label": f"{label}-{suite_set.name}", "dataset": spec, "max_objects": limit, "seed": 0})
+    key = {**model_key, "dataset": spec, "max_clicks": max_clicks, "stop_at_iou": stop_at_iou,
+           "objects": [o.name for o in objects]}
+
+    def compute() -> EvalResult:
+        result = evaluate_objects(predictor, objects, max_clicks, stop_at_iou, progress=True)
+        result.settings.update({"dataset": spec, "max_objects": limit, "seed": 0})
+        return result
+
+    model = cached_evaluation(out_dir / f"{safe_filename(label)}-{suite_set.name}.json", key, label, compute)
     baseline = baseline_run(BASELINE, objects, out_dir, spec, max_clicks, stop_at_iou, progress=True)
-    write_outputs(result, out_dir, [baseline])
-    return {"spec": spec, "held_out": suite_set.held_out, "model": result.summary(), "baseline": baseline.summary}
+    return {"spec": spec, "held_out": suite_set.held_out, "model": model.summary, "baseline": baseline.summary}
 
 
 def format_suite_table(label: str, sets: Dict[str, Dict[str, Any]]) -> str:
     """A markdown table, one row per set: the model's metrics, the baseline's, and the NoC@90 change."""
-    header = ["set", "objects", "NoC@85", "NoC@90", "NoC@95", "NoF@90", "mIoU@1", "mIoU@5", "mIoU@20",
+    clicks = min(entry["model"]["max_clicks"] for entry in sets.values())
+    header = ["set", "objects", "NoC@85", "NoC@90", "NoC@95", "NoF@90", "mIoU@1", f"mIoU@{min(5, clicks)}", f"mIoU@{clicks}",
               f"{BASELINE} NoC@90", f"{BASELINE} mIoU@1", "NoC@90 vs baseline"]
     lines = [f"model: {label}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in sets.items():
@@ -77,7 +90,7 @@ def format_suite_table(label: str, sets: Dict[str, Dict[str, Any]]) -> str:
         curve = m["miou_curve"]
         row = [name + ("" if entry["held_out"] else " (seen in training)"), str(m["num_objects"]),
                f"{m['noc@85']:.2f}", f"{m['noc@90']:.2f}", f"{m['noc@95']:.2f}", str(m["nof@90"]),
-               f"{curve[0]:.4f}", f"{curve[min(4, len(curve) - 1)]:.4f}", f"{curve[-1]:.4f}",
+               f"{curve[0]:.4f}", f"{curve[min(5, clicks) - 1]:.4f}", f"{curve[clicks - 1]:.4f}",
                f"{b['noc@90']:.2f}", f"{b['miou_curve'][0]:.4f}", f"{change:+.1f} %"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"Target: NoC@90 at least {BASELINE_TARGET * 100:.0f} % below the baseline on every held-out set."]
@@ -140,12 +153,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     label = args.label or Path(checkpoint).stem
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model_key = {"checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
+                 "cfr_steps": predictor.cfr_steps, "device": args.device}
 
     sets: Dict[str, Dict[str, Any]] = {}
     for name in names:
         try:
-            sets[name] = run_set(predictor, known[name], args.data_root, out_dir, label, args.max_clicks,
-                                 args.stop_at_iou, args.max_objects)
+            sets[name] = run_set(predictor, known[name], args.data_root, out_dir, label, model_key,
+                                 args.max_clicks, args.stop_at_iou, args.max_objects)
         except ValueError as exc:
             raise SystemExit(f"suite set {name}: {exc}") from None
         print(f"{name}: " + versus_baseline(sets[name]["model"], sets[name]["baseline"]), file=sys.stderr)

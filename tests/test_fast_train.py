@@ -125,3 +125,27 @@ def test_unknown_keys_and_bad_settings_are_named(tiny_run):
         fast_main(["--pack", str(pack), "--set", "learning_rate=1"])
     with pytest.raises(ValueError, match="loss_rounds"):
         FastTrainer(FastConfig(init=str(init), pack=str(pack), out_dir=str(root / "x"), loss_rounds="first"))
+
+
+def test_the_accelerator_script_runs_end_to_end_on_cpu(tiny_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, pack, init, _ = tiny_run
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "python3"  # the device's python3 is the one with torch
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "device-out"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "accelerator_train.sh"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "PACK": str(pack)}
+    done = subprocess.run([str(script), "--set", f"init={init}", "--set", "max_steps=2", "--set", "batch_size=2",
+                           "--set", "device=cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} >= {CHECKPOINT_NAME, "log.jsonl", "summary.json", "train.log"}
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    missing = subprocess.run([str(script)], env={**env, "PACK": str(tmp_path / "none.npz")}, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no training pack" in missing.stderr

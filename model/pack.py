@@ -1,11 +1,13 @@
-"""A training pack: a subset of the training sets in one small ``.npz`` that travels to an accelerator.
+"""A training pack: a subset of a training mix in one small ``.npz`` that travels to an accelerator.
 
+The sets and their weights are a training config's ``datasets`` (``configs/mix.yaml``, the same
+mix ``model.train`` uses on CPU); ``pack_max_images`` and ``pack_tile`` say how each is cut down.
 Every image is resized to a long side of ``side`` px and stored as JPEG; its objects as one PNG
-label map (8- or 16-bit, 0 background). Only training splits are packed (never a held-out image).
+label map (8- or 16-bit, 0 background). The mix holds training splits only (never a held-out image).
 Large images (WGISD) are cut into tiles first, so that their objects keep a useful size.
 The pack is built here, from ``../shared``, and is never committed: it is data.
 
-    python -m model.pack --out runs/pack/train-pack.npz --budget-mib 46
+    python -m model.pack --config configs/mix.yaml --out runs/pack/train-pack.npz
 
 Arrays (``numpy.load(path)``, no pickles):
 - ``image_bytes`` uint8 (total,), ``image_offsets`` int64 (N + 1,): JPEG of image i at offsets[i]:offsets[i+1];
@@ -27,26 +29,7 @@ import cv2
 import numpy as np
 
 from .data import ObjectRef, parse_dataset_spec, read_label_map, read_rgb
-
-
-@dataclass(frozen=True)
-class PackSource:
-    name: str
-    spec: str  # dataset spec with ``{root}``
-    weight: float  # sampling weight of the set in training
-    max_images: Optional[int]  # at most this many images (seeded choice)
-    tile: int = 0  # cut images into tiles of this size first (0: whole images)
-
-
-# The mix: training splits only; held-out images (model.suite) never enter.
-PACK_SOURCES = (
-    PackSource("duts-tr", "folder:{root}/duts-tr", 3.0, 2000),
-    PackSource("coco-mini-train", "instances:{root}/coco-mini:train", 2.0, None),
-    PackSource("pennfudan-train", "instances:{root}/pennfudan:train", 0.5, None),
-    PackSource("bsds500-sod-train", "sod:{root}/bsds500-sod:train", 0.5, None),
-    PackSource("bsds500-train-test", "bsds500:{root}/bsds500:train+test", 1.5, None),
-    PackSource("wgisd-dev", "wgisd:{root}/wgisd-dev", 1.0, None, tile=640),
-)
+from .train import DatasetConfig, load_config
 
 
 def _resized(image: np.ndarray, labels: np.ndarray, side: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -75,22 +58,25 @@ def _image_groups(refs: Sequence[ObjectRef]) -> Dict[Tuple[str, str], List[Objec
     return groups
 
 
-def build_pack(data_root: str, out: Path, side: int = 320, quality: int = 75, budget_mib: float = 46.0,
-               sources: Sequence[PackSource] = PACK_SOURCES, min_area: int = 64, seed: int = 0) -> Dict[str, int]:
-    """Write the pack to ``out`` (atomically); returns objects per set. ValueError if over budget."""
+def build_pack(datasets: Sequence[DatasetConfig], out: Path, side: int = 320, quality: int = 75,
+               budget_mib: float = 46.0, min_area: int = 64, seed: int = 0) -> Dict[str, int]:
+    """Write the pack of a training config's ``datasets`` to ``out`` (atomically); returns objects per set.
+
+    ValueError if it would exceed ``budget_mib``.
+    """
     rng = np.random.default_rng(seed)
     images, labels, image_set, object_image, object_label = [], [], [], [], []
     counts: Dict[str, int] = {}
-    for set_index, source in enumerate(sources):
-        listing = parse_dataset_spec(source.spec.format(root=data_root))
+    for set_index, source in enumerate(datasets):
+        listing = parse_dataset_spec(source.spec)
         groups = list(_image_groups(listing.refs).items())
-        if source.max_images is not None and len(groups) > source.max_images:
-            groups = [groups[i] for i in sorted(rng.choice(len(groups), source.max_images, replace=False))]
-        counts[source.name] = 0
+        if source.pack_max_images is not None and len(groups) > source.pack_max_images:
+            groups = [groups[i] for i in sorted(rng.choice(len(groups), source.pack_max_images, replace=False))]
+        counts[source.spec] = 0
         for (image_path, label_path), refs in groups:
             full_image, full_labels = read_rgb(image_path), read_label_map(label_path)
             wanted = {ref.label for ref in refs}
-            for image, label_map in _tiles(full_image, full_labels, source.tile):
+            for image, label_map in _tiles(full_image, full_labels, source.pack_tile):
                 image, label_map = _resized(image, label_map, side)
                 ids, areas = np.unique(label_map, return_counts=True)
                 kept = [int(i) for i, a in zip(ids, areas) if int(i) in wanted and a >= min_area]
@@ -103,13 +89,13 @@ def build_pack(data_root: str, out: Path, side: int = 320, quality: int = 75, bu
                 image_set.append(set_index)
                 object_image += [index] * len(kept)
                 object_label += kept
-                counts[source.name] += len(kept)
+                counts[source.spec] += len(kept)
     arrays = {
         "image_bytes": np.concatenate(images), "image_offsets": _offsets(images),
         "label_bytes": np.concatenate(labels), "label_offsets": _offsets(labels),
         "image_set": np.asarray(image_set, np.int16),
         "object_image": np.asarray(object_image, np.int32), "object_label": np.asarray(object_label, np.int32),
-        "set_names": np.asarray([s.name for s in sources]), "set_weights": np.asarray([s.weight for s in sources]),
+        "set_names": np.asarray([s.spec for s in datasets]), "set_weights": np.asarray([float(s.weight) for s in datasets]),
         "side": np.asarray(side),
     }
     size_mib = sum(a.nbytes for a in arrays.values()) / 2 ** 20
@@ -190,14 +176,14 @@ def load_pack(path: str | Path, workers: Optional[int] = None) -> Pack:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--config", default="configs/mix.yaml", help="a training config: its datasets are packed")
     p.add_argument("--out", default="runs/pack/train-pack.npz")
     p.add_argument("--side", type=int, default=320)
     p.add_argument("--quality", type=int, default=75)
     p.add_argument("--budget-mib", type=float, default=46.0)
     args = p.parse_args(argv)
     try:
-        counts = build_pack(args.data_root, Path(args.out), args.side, args.quality, args.budget_mib)
+        counts = build_pack(load_config(args.config).datasets, Path(args.out), args.side, args.quality, args.budget_mib)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     size = Path(args.out).stat().st_size / 2 ** 20

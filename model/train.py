@@ -66,6 +66,8 @@ class ClickConfig:
 class DatasetConfig:
     spec: str = ""
     weight: float = 1.0
+    pack_max_images: Optional[int] = None  # model.pack: at most this many images of the set (seeded choice)
+    pack_tile: int = 0  # model.pack: cut images into tiles of this many px first (0: whole images)
 
 
 @dataclass

@@ -13,8 +13,9 @@ from model.clicks import Click, encode_click_maps
 from model.fast_train import (CHECKPOINT_NAME, DeviceClicks, FastConfig, FastTrainer, dilate, erosion_depth,
                               initial_clicks, next_clicks)
 from model.fast_train import main as fast_main
-from model.pack import PackSource, build_pack, load_pack
+from model.pack import build_pack, load_pack
 from model.registry import create_model
+from model.train import DatasetConfig, load_config
 
 
 def _dataset(root, count=6):
@@ -34,9 +35,10 @@ def _dataset(root, count=6):
 @pytest.fixture()
 def tiny_run(tmp_path):
     _dataset(tmp_path / "data" / "set")
-    sources = (PackSource("set", "instances:{root}/set", 1.0, None), PackSource("tiles", "instances:{root}/set", 1.0, 3, tile=64))
+    spec = f"instances:{tmp_path / 'data' / 'set'}"
+    datasets = (DatasetConfig(spec, 1.0), DatasetConfig(spec + ":all", 1.0, pack_max_images=3, pack_tile=64))
     pack = tmp_path / "pack.npz"
-    counts = build_pack(str(tmp_path / "data"), pack, side=96, sources=sources, min_area=16)
+    counts = build_pack(datasets, pack, side=96, min_area=16)
     net = create_model("effnet-lite", {"input_size": 64, "decoder_channels": 16, "click_channels": 8})
     init = save_checkpoint(net, tmp_path / "init.safetensors")
     return tmp_path, pack, init, counts
@@ -44,7 +46,7 @@ def tiny_run(tmp_path):
 
 def test_pack_round_trip_keeps_images_objects_and_set_weights(tiny_run):
     _, path, _, counts = tiny_run
-    assert counts["set"] == 12 and counts["tiles"] > 0
+    assert list(counts.values())[0] == 12 and list(counts.values())[1] > 0
     pack = load_pack(path)
     assert pack.images.shape[1:] == (96, 96, 3) and pack.labels.shape[1:] == (96, 96)
     assert tuple(pack.sizes[0]) == (72, 96)  # 90 x 120 at a long side of 96
@@ -58,8 +60,7 @@ def test_pack_round_trip_keeps_images_objects_and_set_weights(tiny_run):
 def test_pack_over_budget_and_broken_packs_are_refused(tiny_run, tmp_path):
     root, path, _, _ = tiny_run
     with pytest.raises(ValueError, match="over the 0.001 MiB budget"):
-        build_pack(str(root / "data"), tmp_path / "big.npz", side=96, budget_mib=0.001,
-                   sources=(PackSource("set", "instances:{root}/set", 1.0, None),))
+        build_pack([DatasetConfig(f"instances:{root / 'data' / 'set'}")], tmp_path / "big.npz", side=96, budget_mib=0.001)
     assert not (tmp_path / "big.npz").exists()
     (tmp_path / "broken.npz").write_bytes(b"not a pack")
     with pytest.raises(ValueError, match="training pack .*broken.npz"):
@@ -149,3 +150,12 @@ def test_the_accelerator_script_runs_end_to_end_on_cpu(tiny_run, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     missing = subprocess.run([str(script)], env={**env, "PACK": str(tmp_path / "none.npz")}, capture_output=True, text=True)
     assert missing.returncode == 2 and "no training pack" in missing.stderr
+
+
+def test_the_mix_config_loads_and_names_only_training_splits():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "mix.yaml")
+    specs = [d.spec for d in config.datasets]
+    assert not any("heldout" in s or s.endswith(":val") or ":val+" in s for s in specs)
+    assert all(":train" in s or s.startswith(("folder:", "wgisd:")) for s in specs)

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from model.clicks import Click, Clicker, iou
-from model.evaluate import EvalResult, ObjectResult, load_run, report
+from model.evaluate import BASELINES, EvalResult, ObjectResult, baseline_run, load_run, report
 
 from .rle import rle_to_mask
 
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--compare", nargs="*", default=[], help="evaluation JSONs (e.g. model.evaluate's) to show beside")
+    p.add_argument("--baseline", choices=sorted(BASELINES), default=None,
+                   help="as model.evaluate: the classical baseline on the same objects (cached in --out-dir)")
     return p
 
 
@@ -273,6 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--max-clicks must be >= 1, got {args.max_clicks}")
     if args.backend_url and not args.local_files_root:
         raise SystemExit("--backend-url needs --local-files-root (the backend's LOCAL_FILES_DOCUMENT_ROOT)")
+    if args.baseline and args.multi_object:
+        raise SystemExit("--baseline plays single objects; it does not apply to --multi-object")
     compare = [load_run(p) for p in args.compare]
 
     from model.data import open_objects
@@ -306,7 +310,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "checkpoint": args.checkpoint, "cfr_steps": args.cfr_steps,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
-    report(result, args.out_dir, compare)
+    baseline = None
+    if args.baseline:
+        baseline = baseline_run(args.baseline, objects, args.out_dir, args.dataset, args.max_clicks,
+                                args.stop_at_iou, progress=True)
+    report(result, args.out_dir, compare, baseline)
     for run in compare:
         print(agreement(result.summary(), run))
     return 0

@@ -73,3 +73,20 @@ def test_a_keypoint_near_a_pixel_centre_is_snapped_to_it():
         x = (col + 0.5) / 481 * 100 / 100 * 481
         assert to_click(x, x, 481, 481, True).x == float(col)
     assert to_click(10.75, 3.5, 20, 20, True).x == 10.25  # a click off the centre stays where it is
+
+
+def test_the_product_table_shows_the_baseline_beside_it(tmp_path, objects, capsys):
+    from PIL import Image
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    Image.fromarray(objects[0].image).save(tmp_path / "data" / "images" / "scene.png")
+    Image.fromarray(objects[0].mask * 255).save(tmp_path / "data" / "masks" / "scene_1.png")
+    args = ["--dataset", f"folder:{tmp_path / 'data'}", "--max-clicks", "2", "--out-dir", str(tmp_path / "out"),
+            "--baseline", "grabcut"]
+    assert protocol.main(args) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[2:4]] == ["product", "grabcut"]
+    assert "vs the baseline's" in out
+    with pytest.raises(SystemExit, match="does not apply to --multi-object"):
+        protocol.main(args + ["--multi-object"])

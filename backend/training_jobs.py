@@ -203,20 +203,6 @@ class ProjectLock:
         lock.fd = fd
         return lock
 
-    def is_held_elsewhere(self) -> bool:
-        """True while some process holds the lock (probed with a shared lock, released at once)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
-
 
 # --- the served version of each project ------------------------------------------------------------
 

@@ -31,8 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .clicks import Click, Clicker
-from .evaluate import PRED_THRESHOLD
+from .clicks import MASK_THRESHOLD, Click, Clicker
 
 CLICKS_PER_SESSION = 5  # click 1 + later clicks 2..5
 
@@ -92,7 +91,7 @@ def record_clicks(predictor, image: np.ndarray, gt: np.ndarray, n_clicks: int = 
     state = predictor.encode_image(image)
     prob = None
     for _ in range(n_clicks):
-        clicker.make_next_click(None if prob is None else prob > PRED_THRESHOLD)
+        clicker.make_next_click(None if prob is None else prob > MASK_THRESHOLD)
         prob = predictor.predict(state, list(clicker.clicks), prob)
     return list(clicker.clicks)
 

@@ -14,6 +14,7 @@ from scipy.ndimage import distance_transform_edt
 
 DISK_RADIUS = 5  # pixels at network-input resolution (SimpleClick / CFR-ICL: norm_radius=5)
 IGNORE_VALUE = 128  # ground-truth value that marks an ignore band
+MASK_THRESHOLD = 0.49  # CFR-ICL's binarisation threshold: a pixel is on the object when prob > 0.49
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,6 @@ class Click:
     x: float
     is_positive: bool = True
 
-    def scaled(self, sy: float, sx: float, oy: float = 0.0, ox: float = 0.0) -> "Click":
-        """Click mapped by ``(y - oy) * sy, (x - ox) * sx`` (crop then resize)."""
-        return Click((self.y - oy) * sy, (self.x - ox) * sx, self.is_positive)
 
 
 def validate_clicks(clicks: Sequence[Click], height: int, width: int) -> None:

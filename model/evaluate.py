@@ -33,9 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 
 import numpy as np
 
-from .clicks import Click, Clicker, iou
+from .clicks import MASK_THRESHOLD, Click, Clicker, iou
 from .grabcut import GrabCutPredictor
-from .predictor import MASK_THRESHOLD as PRED_THRESHOLD  # CFR-ICL binarises with prob > 0.49
 NOC_THRESHOLDS = (0.85, 0.90, 0.95)
 NOF_THRESHOLDS = (0.85, 0.90)
 TABLE_MIOU_CLICKS = (1, 3, 5, 10, 20)
@@ -132,7 +131,7 @@ def evaluate_object(
     gt: np.ndarray,
     max_clicks: int = 20,
     stop_at_iou: Optional[float] = None,
-    pred_threshold: float = PRED_THRESHOLD,
+    pred_threshold: float = MASK_THRESHOLD,
 ) -> Tuple[List[float], List[Click], List[float]]:
     """Click on one object; returns (IoU curve of length max_clicks, clicks made, predict seconds per click)."""
     clicker = Clicker(gt)
@@ -162,7 +161,7 @@ def evaluate_objects(
     objects: Sequence[Any],
     max_clicks: int = 20,
     stop_at_iou: Optional[float] = None,
-    pred_threshold: float = PRED_THRESHOLD,
+    pred_threshold: float = MASK_THRESHOLD,
     progress: bool = False,
 ) -> EvalResult:
     """Run the protocol on ``objects`` (each with ``.image`` (H,W,3) uint8, ``.mask`` (H,W), ``.name``, ``.image_id``).

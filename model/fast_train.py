@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
-from .clicks import DISK_RADIUS, IGNORE_VALUE
+from .clicks import DISK_RADIUS, IGNORE_VALUE, MASK_THRESHOLD
 from .losses import normalized_focal_loss
 from .pack import Pack, load_pack
 from .train import backbone_parameters, load_config, set_train_mode
@@ -322,14 +322,14 @@ class FastTrainer:
                 total = total + cfg.beta[r] * normalized_focal_loss(logits, gts).mean()
             prob = torch.sigmoid(logits.detach().float())
             if r < rounds - 1:
-                clicks = next_clicks(prob > 0.49, gts, clicks, self.generator)
+                clicks = next_clicks(prob > MASK_THRESHOLD, gts, clicks, self.generator)
                 prev = prob
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.step += 1
         valid = gts != IGNORE_VALUE
-        pred, obj = (prob > 0.49) & valid, (gts == 1)
+        pred, obj = (prob > MASK_THRESHOLD) & valid, (gts == 1)
         iou = ((pred & obj).sum((1, 2, 3)).float() / (pred | obj).sum((1, 2, 3)).clamp(min=1).float()).mean()
         return {"loss": float(total.detach()), "iou": float(iou), "rounds": rounds, "lr": lr}
 

@@ -24,11 +24,10 @@ from scipy import ndimage
 
 from .boxes import bounding_box
 from .checkpoint import load_checkpoint
-from .clicks import Click, encode_click_maps, validate_clicks
+from .clicks import MASK_THRESHOLD, Click, encode_click_maps, validate_clicks
 from .recall import RECALL_CLICK_RADIUS, RECALL_STRIDE, Proposal, RecallFeatures, propose_objects
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.safetensors"
-MASK_THRESHOLD = 0.49  # CFR-ICL's binarisation threshold
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from scipy.ndimage import distance_transform_edt
 
 from .augment import AugmentConfig, color_jitter, object_crop, suem_copy_paste
 from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
-from .clicks import IGNORE_VALUE, Click, encode_click_maps
+from .clicks import IGNORE_VALUE, MASK_THRESHOLD, Click, encode_click_maps
 from .data import ObjectRef, ObjectSample, parse_dataset_spec
 from .losses import LOSSES
 from .registry import create_model
@@ -412,7 +412,7 @@ class Trainer:
                 total = total + cfg.icl.beta[r] * self.loss_fn(logits, gts, **self._loss_kwargs()).mean()
             prob = torch.sigmoid(logits.detach().float())
             if r < rounds - 1:
-                pred_np = (prob[:, 0] > 0.49).cpu().numpy()
+                pred_np = (prob[:, 0] > MASK_THRESHOLD).cpu().numpy()
                 for i in range(len(clicks)):
                     nxt = next_click_from_errors(pred_np[i], gts_np[i], rng)
                     if nxt is not None:
@@ -424,7 +424,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        pred = prob[:, 0] > 0.49
+        pred = prob[:, 0] > MASK_THRESHOLD
         valid = gts[:, 0] != IGNORE_VALUE
         obj = (gts[:, 0] == 1) & valid
         inter = (pred & obj).sum((1, 2)).float()

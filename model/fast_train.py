@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import AugmentConfig
 from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
 from .clicks import DISK_RADIUS, IGNORE_VALUE, MASK_THRESHOLD
 from .losses import normalized_focal_loss
@@ -54,15 +55,8 @@ class FastConfig:
     beta: List[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
     max_rounds: int = 3
     loss_rounds: str = "all"  # "last": the loss on the last round only (the paper's baseline)
-    object_scale: Tuple[float, float] = (0.25, 1.0)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the CPU trainer's, applied on the device
     max_upscale: float = 3.0
-    flip: float = 0.5
-    color_jitter: float = 0.2
-    paste_onto_other: float = 0.1
-    occlude: float = 0.1
-    merge: float = 0.05
-    blend_object: float = 0.05
-    blend_images: float = 0.05
     max_initial_positive: int = 3
     max_initial_negative: int = 2
     checkpoint_seconds: float = 60.0
@@ -132,7 +126,7 @@ class DeviceBatches:
 
     def _crops(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """n object-centric crops: images (n, 3, C, C) float [0, 1], gts (n, 1, C, C) float."""
-        cfg, s, c = self.config, self.side, self.crop
+        cfg, aug, s, c = self.config, self.config.augment, self.side, self.crop
         objects = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
         image_index = self.object_image[objects]
         obj = self.labels[image_index] == self.object_label[objects].view(-1, 1, 1)  # (n, S, S)
@@ -144,7 +138,7 @@ class DeviceBatches:
         right = torch.where(cols, ar, torch.full_like(ar, -1)).amax(1)
         box = torch.maximum(bottom - top + 1, right - left + 1).clamp(min=1)
         size = self.sizes[image_index]
-        low, high = cfg.object_scale
+        low, high = aug.object_scale
         scale = (low + (high - low) * self._uniform(n)) * c / box
         scale = torch.minimum(scale, torch.minimum(torch.full_like(scale, cfg.max_upscale), c / size.amin(1) * 2.5))
         scale = torch.maximum(scale, c / size.amax(1) * 0.5)
@@ -152,7 +146,7 @@ class DeviceBatches:
         jitter = (self._uniform(n, 2) - 0.5) * (c / 2) / scale[:, None]
         cy, cx = (centre[:, 0] + jitter).unbind(1)
         span = c / scale / s  # crop side over canvas side
-        flip = torch.where(self._uniform(n) < cfg.flip, -1.0, 1.0)
+        flip = torch.where(self._uniform(n) < aug.flip, -1.0, 1.0)
         theta = torch.zeros(n, 2, 3, device=self.device)
         theta[:, 0, 0] = span * flip
         theta[:, 0, 2] = (2 * cx + 1) / s - 1
@@ -167,7 +161,7 @@ class DeviceBatches:
         return images, gts
 
     def _jitter(self, images: torch.Tensor) -> torch.Tensor:
-        strength = self.config.color_jitter
+        strength = self.config.augment.color_jitter
         if strength <= 0:
             return images
         n = images.shape[0]
@@ -179,13 +173,14 @@ class DeviceBatches:
         return ((images - grey) * factors[2] + grey).clamp(0, 1)
 
     def draw(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
+        aug = self.config.augment
         images, gts = self._crops(n)
         other_images, other_gts = self._crops(n)
         obj, other = gts == 1, other_gts == 1
         u = self._uniform(n).view(n, 1, 1, 1)
-        alpha = 0.2 + 0.3 * self._uniform(n).view(n, 1, 1, 1)
-        edges = np.cumsum([cfg.paste_onto_other, cfg.occlude, cfg.merge, cfg.blend_object, cfg.blend_images])
+        low, high = aug.blend_alpha
+        alpha = low + (high - low) * self._uniform(n).view(n, 1, 1, 1)
+        edges = np.cumsum([aug.paste_onto_other, aug.occlude, aug.merge, aug.blend_object, aug.blend_images])
         onto, hide, join, blend_obj, blend_all = ((u >= lo) & (u < hi) for lo, hi in zip([0, *edges[:-1]], edges))
         overlap = (other & obj).sum((1, 2, 3), keepdim=True) > 0.7 * obj.sum((1, 2, 3), keepdim=True)
         hide = hide & ~overlap  # keep at least part of the object visible

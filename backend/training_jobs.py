@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED, IDLE = "queued", "running", "succeeded", "failed", "rejected", "idle"
 ACTIVE_STATES = (QUEUED, RUNNING)
 TMP_PREFIX = ".tmp-"
+MAX_PROJECT_DIRS = 1000  # project directories in MODEL_DIR; a webhook for a new project beyond it is refused
 VERSION_NAME = re.compile(r"^p(\d+)-v(\d+)$")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding ``backend`` and ``model``
 
@@ -339,9 +340,21 @@ class JobManager:
 
     # starting
 
+    def _no_room(self, paths: ProjectPaths) -> Optional[str]:
+        """Why a new project directory may not be created (MAX_PROJECT_DIRS reached), or None."""
+        if paths.root.is_dir() or len(self.projects()) < MAX_PROJECT_DIRS:
+            return None
+        return (f"MODEL_DIR already holds {MAX_PROJECT_DIRS} project directories; remove those of deleted "
+                f"projects to train project {paths.project}")
+
     def start(self, project: str, trigger: str) -> StartResult:
         """Start a job for ``project`` unless one runs; returns at once (the job is a separate process)."""
         paths = self.paths(project)
+        no_room = self._no_room(paths)
+        if no_room:
+            log.error("training not started: %s", no_room, extra={"project": project})
+            return StartResult(False, f"training not started: {no_room}",
+                               {"project": project, "state": FAILED, "error": no_room})
         problem = self._cannot_train()
         lock = ProjectLock(paths.lock)
         if not lock.try_acquire():
@@ -494,6 +507,9 @@ class JobManager:
         if every <= 0 or new <= 0:
             return False
         paths = self.paths(project)
+        if self._no_room(paths):
+            log.warning("annotations not counted: %s", self._no_room(paths), extra={"project": project})
+            return False
         paths.root.mkdir(parents=True, exist_ok=True)
         with self._counter_lock, open(paths.counter, "a+") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # other workers count too

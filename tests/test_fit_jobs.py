@@ -137,6 +137,22 @@ def test_start_training_without_label_studio_settings_says_so(checkpoint, tmp_pa
     assert job["state"] == "failed" and "LABEL_STUDIO_URL" in job["error"] and not job["training"]
 
 
+def test_project_directories_are_bounded(tmp_path, monkeypatch):
+    from backend import training_jobs
+
+    monkeypatch.setattr(training_jobs, "MAX_PROJECT_DIRS", 3)
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "LOG_LEVEL": "WARNING", "TRAIN_EVERY_N_ANNOTATIONS": "5"})
+    jobs = JobManager(settings)
+    for project in ("1", "2", "3"):
+        assert not jobs.start(project, "START_TRAINING").started  # no LABEL_STUDIO_URL: a failed status
+    assert jobs.projects() == ["1", "2", "3"]
+    refused = jobs.start("4", "START_TRAINING")
+    assert not refused.started and "already holds 3 project directories" in refused.status
+    assert not jobs.count_annotations("5", 2)
+    assert jobs.projects() == ["1", "2", "3"]  # nothing created for 4 or 5
+    assert "LABEL_STUDIO_URL" in jobs.start("2", "START_TRAINING").status  # known projects still answer
+
+
 @pytest.mark.parametrize("body, fragment", [
     ({"action": "START_TRAINING"}, "malformed START_TRAINING webhook: project must be a Label Studio project id"),
     ({"action": "START_TRAINING", "project": {"title": "no id"}}, "malformed START_TRAINING webhook"),

@@ -13,3 +13,10 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent")
     return SHARED
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that asks for ``shared_dir`` carries the ``shared`` marker (``-m "not shared"``)."""
+    for item in items:
+        if "shared_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)

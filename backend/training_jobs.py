@@ -507,8 +507,9 @@ class JobManager:
         if every <= 0 or new <= 0:
             return False
         paths = self.paths(project)
-        if self._no_room(paths):
-            log.warning("annotations not counted: %s", self._no_room(paths), extra={"project": project})
+        no_room = self._no_room(paths)
+        if no_room:
+            log.warning("annotations not counted: %s", no_room, extra={"project": project})
             return False
         paths.root.mkdir(parents=True, exist_ok=True)
         with self._counter_lock, open(paths.counter, "a+") as f:

@@ -27,12 +27,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .benchmark import machine_info
 from .data import open_objects
-from .evaluate import (BASELINE_TARGET, EvalResult, baseline_run, cached_evaluation, evaluate_objects, safe_filename,
-                       versus_baseline)
+from .evaluate import (BASELINE_TARGET, EvalResult, baseline_run, cached_evaluation, evaluate_objects, noc90_change,
+                       safe_filename, versus_baseline)
 from .predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 
 
@@ -88,7 +88,7 @@ def format_suite_table(label: str, sets: Dict[str, Dict[str, Any]]) -> str:
     lines = [f"model: {label}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in sets.items():
         m, b = entry["model"], entry["baseline"]
-        change = (m["noc@90"] - b["noc@90"]) / b["noc@90"] * 100 if b["noc@90"] else 0.0
+        change = noc90_change(m, b) * 100
         curve = m["miou_curve"]
         row = [name + ("" if entry["held_out"] else " (seen in training)"), str(m["num_objects"]),
                f"{m['noc@85']:.2f}", f"{m['noc@90']:.2f}", f"{m['noc@95']:.2f}", str(m["nof@90"]),

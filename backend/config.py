@@ -8,6 +8,7 @@ fine-tuning settings (``FitSettings``: FIT_*, TRAIN_THREADS, TRAIN_EVERY_N_ANNOT
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -31,6 +32,7 @@ ENV_VARS = (
     "RECALL", "RECALL_MIN_SCORE", "RECALL_MIN_AREA", "RECALL_MAX_PROPOSALS",
     "TRAIN_THREADS", "TRAIN_EVERY_N_ANNOTATIONS", "FIT_STEPS", "FIT_BATCH_SIZE", "FIT_LR", "FIT_FREEZE_BACKBONE",
     "FIT_HOLDOUT_FRACTION", "FIT_EVAL_MAX_OBJECTS", "FIT_EVAL_MAX_CLICKS", "FIT_NICE",
+    "REDIS_URL", "EXEMPLAR_STORE", "FIT_QUEUE", "JOB_LEASE_SECONDS", "FIT_QUEUE_TIMEOUT",
 )
 
 
@@ -114,6 +116,44 @@ class FitSettings:
         )
 
 
+EXEMPLAR_STORES = ("sqlite", "redis")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """Several backend hosts and a training worker sharing Redis (see the README's "Scale out").
+
+    Without ``redis_url`` everything stays on one host: SQLite store, flock, job subprocesses.
+    """
+
+    redis_url: Optional[str] = None  # REDIS_URL: job leases, job status and the training queue live there
+    exemplar_store: str = "sqlite"  # EXEMPLAR_STORE: "sqlite" (MODEL_DIR file) or "redis" (needs REDIS_URL)
+    queue: str = "ls-clickseg-fit"  # FIT_QUEUE: the RQ queue training jobs go to
+    lease_seconds: int = 30  # JOB_LEASE_SECONDS: a running job's lease expires this long after its last renewal
+    queue_timeout_s: int = 3600  # FIT_QUEUE_TIMEOUT: a queued job no worker took within this fails
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "ScaleSettings":
+        redis_url = _optional(env, "REDIS_URL")
+        if redis_url is not None and not redis_url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"REDIS_URL must start with {', '.join(REDIS_SCHEMES)}, got {redis_url[:40]!r}")
+        store = (env.get("EXEMPLAR_STORE") or "sqlite").strip().lower()
+        if store not in EXEMPLAR_STORES:
+            raise ValueError(f"EXEMPLAR_STORE={store!r} is not one of {', '.join(EXEMPLAR_STORES)}")
+        if store == "redis" and redis_url is None:
+            raise ValueError("EXEMPLAR_STORE=redis needs REDIS_URL (e.g. redis://redis:6379/0)")
+        queue = (env.get("FIT_QUEUE") or cls.queue).strip()
+        if not _QUEUE_NAME.fullmatch(queue):
+            raise ValueError(f"FIT_QUEUE={queue[:80]!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        return cls(
+            redis_url=redis_url, exemplar_store=store, queue=queue,
+            lease_seconds=_int(env, "JOB_LEASE_SECONDS", cls.lease_seconds, minimum=2),
+            queue_timeout_s=_int(env, "FIT_QUEUE_TIMEOUT", cls.queue_timeout_s, minimum=1),
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know; ``Settings.from_env()`` is the only constructor used in production."""
@@ -138,6 +178,7 @@ class Settings:
     recall_min_area: int = 64  # RECALL_MIN_AREA: smallest proposal, in image pixels
     recall_max_proposals: int = 20  # RECALL_MAX_PROPOSALS: proposals per object at most
     fit: FitSettings = field(default_factory=FitSettings)
+    scale: ScaleSettings = field(default_factory=ScaleSettings)
     # The variables of ENV_VARS as read (secrets included: never logged), handed to training jobs.
     environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -180,5 +221,6 @@ class Settings:
             recall_min_area=_int(env, "RECALL_MIN_AREA", 64, minimum=1),
             recall_max_proposals=_int(env, "RECALL_MAX_PROPOSALS", 20, minimum=1),
             fit=FitSettings.from_env(env),
+            scale=ScaleSettings.from_env(env),
             environment={name: env[name] for name in ENV_VARS if name in env},
         )

@@ -20,13 +20,15 @@ RLE (``backend.rle``) and are decoded on read (``Exemplar.mask``). A region with
 or whose size differs from the image (``validate_region_size``), is logged and skipped; the
 rest of the task is kept and nothing raises.
 
-``ExemplarStore`` is the interface (a Redis version can implement it with ``plan_sync``);
-``SQLiteExemplarStore`` is the embedded default, a file in ``MODEL_DIR`` shared by all
-gunicorn workers.
+``ExemplarStore`` is the interface; every store decides what to write with ``plan_sync`` (before
+its write transaction) and ``resolve_sync`` (inside it). ``SQLiteExemplarStore`` is the embedded
+default, a file in ``MODEL_DIR`` shared by all gunicorn workers; ``backend.redis_store`` holds
+the one that several backend hosts share.
 """
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import logging
@@ -56,6 +58,7 @@ ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UP
 WEBHOOK_EVENTS = ANNOTATION_EVENTS + ("ANNOTATIONS_DELETED", "TASKS_DELETED")
 
 Size = Tuple[int, int]  # (height, width)
+TOUCH_INTERVAL_S = 60.0  # an unchanged task's age is refreshed at most this often (saves writes per click)
 
 
 # --- identifiers ---------------------------------------------------------------------------------
@@ -529,11 +532,76 @@ def plan_sync(update: TaskRegions, stored_size: Optional[Size], stored: Mapping[
     return plan
 
 
+@dataclass
+class SyncChanges:
+    """What a store writes for one ``sync_task``, decided against the state read in its transaction."""
+
+    report: SyncReport
+    writes: List[SourceWrite]  # sources to replace
+    removals: List[str]  # stored sources the update no longer lists (of its complete kinds)
+    exists: bool  # the task is stored already
+    nothing_accepted: bool  # a new task without any region: store nothing (it would only evict useful ones)
+
+
+def resolve_sync(update: TaskRegions, plan: SyncPlan, touched_at: Optional[float],
+                 stored: Mapping[str, StoredSource]) -> SyncChanges:
+    """The writes and removals of ``plan`` against ``stored`` as read inside the write transaction
+    (another worker may have written since the plan was made: stale or equal sources are skipped)."""
+    report = SyncReport(unchanged=list(plan.unchanged), stale=list(plan.stale), rejected=list(plan.rejected))
+    writes = []
+    for write in plan.writes:
+        old = stored.get(write.source)
+        if old is not None and not plan.resize:
+            if _is_stale(write.version, old.version):
+                report.stale.append(write.source)
+                continue
+            if old.digest == write.digest:
+                report.unchanged.append(write.source)
+                continue
+        writes.append(write)
+    removals = [source for source in stored
+                if source_kind(source) in update.complete_kinds and source not in update.sources]
+    exists = touched_at is not None
+    nothing_accepted = not exists and not any(write.regions for write in writes)
+    return SyncChanges(report, writes, removals, exists, nothing_accepted)
+
+
+def nothing_to_write(update: TaskRegions, plan: SyncPlan, touched_at: Optional[float],
+                     stored: Mapping[str, StoredSource]) -> bool:
+    """True for the common re-sent snapshot: no change, no removal, task age fresh enough."""
+    if plan.writes or plan.resize:
+        return False
+    if any(source_kind(s) in update.complete_kinds and s not in update.sources for s in stored):
+        return False
+    return touched_at is None or time.time() - touched_at < TOUCH_INTERVAL_S
+
+
 # --- the interface -------------------------------------------------------------------------------
 
 
+class StoreError(Exception):
+    """The store's database cannot be read or written (locked too long, unreachable, full)."""
+
+
+def store_errors(method):
+    """Report the store's own database errors (its ``backend_errors``) as ``StoreError``."""
+    @functools.wraps(method)
+    def translated(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except self.backend_errors as exc:
+            raise StoreError(f"{type(self).__name__}: {exc}") from exc
+
+    return translated
+
+
 class ExemplarStore(abc.ABC):
-    """Accepted brush regions per (project, task), shared by all workers of the backend."""
+    """Accepted brush regions per (project, task), shared by all workers of the backend.
+
+    Bad input raises ValueError; a database that fails raises ``StoreError``.
+    """
+
+    backend_errors: Tuple[type, ...] = ()  # what the database raises, turned into StoreError
 
     @abc.abstractmethod
     def sync_task(self, update: TaskRegions, image_size: Optional[Size] = None) -> SyncReport:
@@ -600,7 +668,6 @@ CREATE TABLE regions (
 );
 """
 _TABLES = ("regions", "sources", "tasks")
-TOUCH_INTERVAL_S = 60.0  # an unchanged task's age is refreshed at most this often (saves writes per click)
 
 # Connections opened before a fork: the child must neither use nor close them (closing could
 # disturb the parent's locks), so they are parked here for the life of the process.
@@ -617,6 +684,8 @@ class SQLiteExemplarStore(ExemplarStore):
     disk (WAL does not work over network file systems).
     """
 
+    backend_errors = (sqlite3.Error,)
+
     def __init__(self, path: os.PathLike | str, max_tasks: int = 2000, busy_timeout_s: float = 30.0) -> None:
         if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
             raise ValueError(f"max_tasks must be a positive integer, got {max_tasks!r}")
@@ -630,6 +699,8 @@ class SQLiteExemplarStore(ExemplarStore):
         connection = self._connect()
         try:
             self._init_schema(connection)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot prepare the exemplar store {self.path}: {exc}") from exc
         finally:
             connection.close()  # nothing stays open in a process that may fork workers
 
@@ -643,7 +714,7 @@ class SQLiteExemplarStore(ExemplarStore):
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = NORMAL")  # a power cut may lose the last commits, never corrupt
         except sqlite3.Error as exc:
-            raise sqlite3.OperationalError(f"cannot open the exemplar store {self.path}: {exc}") from exc
+            raise StoreError(f"cannot open the exemplar store {self.path}: {exc}") from exc
         return connection
 
     def _connection(self) -> sqlite3.Connection:
@@ -709,6 +780,7 @@ class SQLiteExemplarStore(ExemplarStore):
         }
         return (row[0], row[1]), row[2], stored
 
+    @store_errors
     def accepted_masks(self, project: Any, task_id: Any) -> List[Exemplar]:
         rows = self._connection().execute(
             "SELECT source, region_id, labels, height, width, rle, from_name, to_name, version, updated_at"
@@ -723,6 +795,7 @@ class SQLiteExemplarStore(ExemplarStore):
                                              from_name, to_name, version, updated_at)
         return list(newest.values())
 
+    @store_errors
     def stats(self) -> Dict[str, Any]:
         connection = self._connection()
         tasks = connection.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
@@ -734,6 +807,7 @@ class SQLiteExemplarStore(ExemplarStore):
 
     # writes
 
+    @store_errors
     def sync_task(self, update: TaskRegions, image_size: Optional[Size] = None) -> SyncReport:
         if image_size is not None:
             image_size = (int(image_size[0]), int(image_size[1]))
@@ -745,7 +819,7 @@ class SQLiteExemplarStore(ExemplarStore):
         size, touched_at, stored = self._read_task(self._connection(), project, task_id)
         for _ in range(3):
             plan = plan_sync(update, size, stored, image_size)
-            if self._nothing_to_write(update, plan, touched_at, stored):
+            if nothing_to_write(update, plan, touched_at, stored):
                 return SyncReport(unchanged=plan.unchanged, stale=plan.stale, rejected=plan.rejected)
             with self._write() as connection:
                 current_size, touched_at, stored = self._read_task(connection, project, task_id)
@@ -757,38 +831,14 @@ class SQLiteExemplarStore(ExemplarStore):
             plan = plan_sync(update, size, stored, image_size)
             return self._apply(connection, update, project, task_id, plan, touched_at, stored)
 
-    @staticmethod
-    def _nothing_to_write(update: TaskRegions, plan: SyncPlan, touched_at: Optional[float],
-                          stored: Mapping[str, StoredSource]) -> bool:
-        """True for the common re-sent snapshot: no change, no removal, task age fresh enough."""
-        if plan.writes or plan.resize:
-            return False
-        if any(source_kind(s) in update.complete_kinds and s not in update.sources for s in stored):
-            return False
-        return touched_at is None or time.time() - touched_at < TOUCH_INTERVAL_S
-
     def _apply(self, connection: sqlite3.Connection, update: TaskRegions, project: str, task_id: str,
                plan: SyncPlan, touched_at: Optional[float], stored: Mapping[str, StoredSource]) -> SyncReport:
-        report = SyncReport(unchanged=list(plan.unchanged), stale=list(plan.stale), rejected=list(plan.rejected))
+        changes = resolve_sync(update, plan, touched_at, stored)
+        report, writes, removals, exists = changes.report, changes.writes, changes.removals, changes.exists
+        if changes.nothing_accepted:
+            return report
         now = time.time()
         key = (project, task_id)
-        writes = []
-        for write in plan.writes:
-            old = stored.get(write.source)
-            if old is not None and not plan.resize:  # written by another worker since the plan was made
-                if _is_stale(write.version, old.version):
-                    report.stale.append(write.source)
-                    continue
-                if old.digest == write.digest:
-                    report.unchanged.append(write.source)
-                    continue
-            writes.append(write)
-        removals = [source for source in stored
-                    if source_kind(source) in update.complete_kinds and source not in update.sources]
-        exists = touched_at is not None
-        if not exists and not any(write.regions for write in writes):
-            return report  # nothing accepted yet: do not let empty tasks evict useful ones
-
         if plan.size is not None:
             connection.execute(
                 "INSERT INTO tasks (project, task_id, height, width, updated_at) VALUES (?, ?, ?, ?, ?)"
@@ -853,6 +903,7 @@ class SQLiteExemplarStore(ExemplarStore):
                            (project, task_id, source))
         return removed
 
+    @store_errors
     def remove_source(self, project: Any, source: str, task_id: Any = None) -> int:
         project = project_key(project)
         task_id = None if task_id is None else task_key(task_id)
@@ -867,6 +918,7 @@ class SQLiteExemplarStore(ExemplarStore):
                     self._delete_task(connection, project, tid)
         return removed
 
+    @store_errors
     def remove_task(self, project: Any, task_id: Any) -> int:
         with self._write() as connection:
             return self._delete_task(connection, project_key(project), task_key(task_id))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,7 @@ from model.predictor import ClickSegPredictor, ImageState
 
 from .click_selection import ClickHistory, ObjectTracker, RegionMasks, TrackedObject
 from .config import Settings
-from .exemplars import Exemplar, SQLiteExemplarStore, TaskRegions, project_key, regions_from_task
+from .exemplars import Exemplar, ExemplarStore, StoreError, TaskRegions, project_key, regions_from_task
 from .images import ImageFetcher
 from .model_thread import ModelThread
 from .payload import Prompt, bad_request, current_group, parse_context, parse_label_config, task_id, task_image_url
@@ -132,7 +131,7 @@ class InteractivePipeline:
         self._recall_warmer_lock = threading.Lock()
 
     def answer(self, request: InteractiveRequest, predictor: ClickSegPredictor,
-               exemplars: Optional[SQLiteExemplarStore]) -> Dict[str, Any]:
+               exemplars: Optional[ExemplarStore]) -> Dict[str, Any]:
         """``{"result": [brush regions], "score", "model_version"}``: the object first, then its proposals."""
         started = time.perf_counter()
         version = predictor.model_version
@@ -210,7 +209,7 @@ class InteractivePipeline:
     # --- exemplar recall ---------------------------------------------------------------------------
 
     def _proposals(self, image_model: ImageModel, history: ClickHistory, obj: TrackedObject, decoded: RegionMasks,
-                   request: InteractiveRequest, exemplars: Optional[SQLiteExemplarStore]) -> List[Proposal]:
+                   request: InteractiveRequest, exemplars: Optional[ExemplarStore]) -> List[Proposal]:
         """The current object's proposals (call under the session lock).
 
         Computed on the object's first click when the task has accepted regions of the label,
@@ -263,7 +262,7 @@ class InteractivePipeline:
                 self._recall_warming.discard(key)
 
 
-def accepted_regions(decoded: RegionMasks, exemplars: Optional[SQLiteExemplarStore], request: InteractiveRequest,
+def accepted_regions(decoded: RegionMasks, exemplars: Optional[ExemplarStore], request: InteractiveRequest,
                      height: int, width: int, current_id: str) -> AcceptedRegions:
     """The task's accepted regions on the request's image: the payload's, plus the store's that it lacks.
 
@@ -279,7 +278,7 @@ def accepted_regions(decoded: RegionMasks, exemplars: Optional[SQLiteExemplarSto
         return accepted
     try:
         stored: List[Exemplar] = exemplars.accepted_masks(request.project_key, request.task)
-    except (ValueError, sqlite3.Error) as exc:
+    except (ValueError, StoreError) as exc:
         log.warning("exemplar store unreadable; recall uses the payload's regions",
                     extra={"task": request.task, "reason": str(exc)})
         return accepted
@@ -297,11 +296,11 @@ def accepted_regions(decoded: RegionMasks, exemplars: Optional[SQLiteExemplarSto
     return accepted
 
 
-def sync_exemplars(exemplars: SQLiteExemplarStore, task_regions: TaskRegions, state: ImageState) -> None:
+def sync_exemplars(exemplars: ExemplarStore, task_regions: TaskRegions, state: ImageState) -> None:
     """Store the task's accepted brush masks (annotations, drafts); never fails the request."""
     try:
         exemplars.sync_task(task_regions, image_size=(state.height, state.width))
-    except (ValueError, sqlite3.Error) as exc:
+    except (ValueError, StoreError) as exc:
         log.warning("exemplar sync skipped", extra={"task": task_regions.task_id, "reason": str(exc)})
 
 

@@ -19,7 +19,6 @@ webhooks and interactive requests keep the exemplar store (``backend.exemplars``
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -30,7 +29,7 @@ from model.predictor import ClickSegPredictor
 
 from .config import Settings
 from .errors import BackendError, short_repr
-from .exemplars import SQLiteExemplarStore, project_key, regions_from_webhook
+from .exemplars import ExemplarStore, SQLiteExemplarStore, StoreError, project_key, regions_from_webhook
 from .images import ImageFetcher
 from .interactive import InteractivePipeline, InteractiveRequest, normalized_project
 from .model_thread import ModelThread
@@ -43,6 +42,7 @@ MAX_LABEL_CONFIGS = 256  # label configs from /setup kept (least recently set dr
 MAX_PROJECT_CHARS = 40  # "<id>.<timestamp>" as Label Studio sends it
 TRAINING_EVENTS = ("START_TRAINING",)
 CREATED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED")
+STORE_RETRY_S = 30.0  # an exemplar store that could not be opened is tried again after this
 
 
 def request_project(project: Any) -> str:
@@ -79,8 +79,8 @@ class ClickSegModel:
         self._setup_access_token: Optional[str] = None
         self.project_models: ProjectModels[ClickSegPredictor] = ProjectModels(settings.model_dir, self._load_project_checkpoint)
         self.jobs = JobManager(settings, setup_access_token=lambda: self._setup_access_token)
-        self._exemplars: Optional[SQLiteExemplarStore] = None
-        self._exemplars_failed = False
+        self._exemplars: Optional[ExemplarStore] = None
+        self._exemplars_retry_at = 0.0  # after a failed open, the next attempt is not before this (monotonic)
         self._exemplars_lock = threading.Lock()
 
     # --- model ---------------------------------------------------------------------------------
@@ -127,19 +127,29 @@ class ClickSegModel:
         return served if served is not None else self.predictor
 
     @property
-    def exemplars(self) -> Optional[SQLiteExemplarStore]:
-        """The exemplar store (``MODEL_DIR/exemplars.sqlite3``), opened on first use; None if it cannot be."""
-        if self._exemplars is None and not self._exemplars_failed:
+    def exemplars(self) -> Optional[ExemplarStore]:
+        """The exemplar store (EXEMPLAR_STORE: ``MODEL_DIR/exemplars.sqlite3`` or Redis), opened on first
+        use; None while it cannot be (logged; tried again after STORE_RETRY_S), and requests go on without it."""
+        if self._exemplars is None and time.monotonic() >= self._exemplars_retry_at:
             with self._exemplars_lock:
-                if self._exemplars is None and not self._exemplars_failed:
-                    path = self.settings.model_dir / "exemplars.sqlite3"
-                    try:
-                        self._exemplars = SQLiteExemplarStore(path, max_tasks=self.settings.exemplar_max_tasks)
-                    except (OSError, sqlite3.Error) as exc:
-                        self._exemplars_failed = True
-                        log.error("the exemplar store cannot be opened; accepted masks are not remembered",
-                                  extra={"path": str(path), "reason": str(exc)})
+                if self._exemplars is None and time.monotonic() >= self._exemplars_retry_at:
+                    self._exemplars = self._open_exemplar_store()
+                    if self._exemplars is None:
+                        self._exemplars_retry_at = time.monotonic() + STORE_RETRY_S
         return self._exemplars
+
+    def _open_exemplar_store(self) -> Optional[ExemplarStore]:
+        scale, max_tasks = self.settings.scale, self.settings.exemplar_max_tasks
+        try:
+            if scale.exemplar_store == "redis":
+                from .redis_state import RedisExemplarStore  # the Redis client only where it is used
+
+                return RedisExemplarStore(scale.redis_url, max_tasks=max_tasks)
+            return SQLiteExemplarStore(self.settings.model_dir / "exemplars.sqlite3", max_tasks=max_tasks)
+        except (OSError, StoreError) as exc:
+            log.error("the exemplar store cannot be opened; accepted masks are not remembered for now",
+                      extra={"store": scale.exemplar_store, "reason": str(exc)})
+            return None
 
     # --- label_studio_ml 2.x interface ---------------------------------------------------------
 
@@ -227,7 +237,7 @@ class ClickSegModel:
         if store is not None:
             try:
                 store.apply_webhook(changes)
-            except (ValueError, sqlite3.Error) as exc:
+            except (ValueError, StoreError) as exc:
                 log.error("exemplar store update failed", extra={"event": event, "reason": str(exc)})
         status = "ok"
         if event in CREATED_EVENTS:

@@ -1,5 +1,7 @@
 """The exemplar store: payload parsing, create/update/delete semantics, persistence, eviction, concurrency.
 
+Every store test runs on both stores: SQLite (the embedded default) and Redis (several hosts).
+
 Payloads follow the shapes Label Studio 1.23.2 sends (shared/reference/label-studio-1.23.2-calls.jsonl).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from backend.exemplars import (
     task_key,
     validate_region_size,
 )
+from backend.redis_state import RedisExemplarStore
 from backend.rle import mask_to_rle
 
 H, W = 24, 32  # image size used by most tests
@@ -81,11 +84,28 @@ def webhook(action: str, ann: dict, task_id: int = 1) -> dict:
             "project": {"id": 1, "title": "e2e"}, "task": {"id": task_id, "project": 1}}
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request, tmp_path):
+    """``make_store(max_tasks=...)`` opens the store of this parameter (again: the same data)."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    opened = []
+
+    def make(max_tasks: int = 2000):
+        if url is None:
+            store = SQLiteExemplarStore(tmp_path / "sub" / "exemplars.sqlite3", max_tasks=max_tasks)
+        else:
+            store = RedisExemplarStore(url, max_tasks=max_tasks)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteExemplarStore(tmp_path / "exemplars.sqlite3")
-    yield s
-    s.close()
+def store(make_store):
+    return make_store()
 
 
 def by_id(regions: list[Exemplar]) -> dict[str, Exemplar]:
@@ -345,21 +365,20 @@ def test_annotation_webhook_drops_stored_drafts(store):
     assert [(r.source, r.region_id) for r in store.accepted_masks(1, 1)] == [("annotation:1", "d")]
 
 
-def test_store_survives_reopen(tmp_path):
-    path = tmp_path / "sub" / "exemplars.sqlite3"
-    first = SQLiteExemplarStore(path)
+def test_store_survives_reopen(make_store):
+    first = make_store()
     first.sync_task(regions_from_task(task([annotation(1, [brush("r", disk(5, 5, 3))])])), image_size=(H, W))
     first.close()
-    second = SQLiteExemplarStore(path)
+    second = make_store()
     [region] = second.exemplars(1, 1, "Grape")
     assert np.array_equal(region.mask, disk(5, 5, 3))
     assert second.stats()["regions"] == 1 and second.stats()["rle_bytes"] == len(region.rle)
     second.close()
 
 
-def test_eviction_keeps_the_most_recently_updated_tasks(tmp_path, monkeypatch):
+def test_eviction_keeps_the_most_recently_updated_tasks(make_store, monkeypatch):
     monkeypatch.setattr(ex, "TOUCH_INTERVAL_S", 0.0)  # every sync refreshes the task's age
-    store = SQLiteExemplarStore(tmp_path / "e.sqlite3", max_tasks=3)
+    store = make_store(max_tasks=3)
 
     def sync(task_id):
         return store.sync_task(regions_from_task(task([annotation(task_id, [brush(f"r{task_id}", disk(5, 5, 3))])],
@@ -374,9 +393,9 @@ def test_eviction_keeps_the_most_recently_updated_tasks(tmp_path, monkeypatch):
         sync(task_id)
     assert store.stats()["tasks"] == 3
     assert sorted(t for t in range(1, 15) if store.accepted_masks(1, t)) == [12, 13, 14]
-    store.close()
+    assert store.stats()["regions"] == 3 and store.stats()["sources"] == 3
     with pytest.raises(ValueError, match="max_tasks"):
-        SQLiteExemplarStore(tmp_path / "e.sqlite3", max_tasks=0)
+        make_store(max_tasks=0)
 
 
 # --- concurrency ---------------------------------------------------------------------------------
@@ -384,10 +403,9 @@ def test_eviction_keeps_the_most_recently_updated_tasks(tmp_path, monkeypatch):
 WRITERS, WRITES = 4, 50
 
 
-def _writer(path: str, worker: int, store: SQLiteExemplarStore | None, errors) -> None:
+def _writer(worker: int, store: ex.ExemplarStore, errors) -> None:
     """Write WRITES sources into the shared task 1 and WRITES tasks of its own, reading in between."""
     try:
-        store = store or SQLiteExemplarStore(path)
         mask = disk(5 + worker, 5, 3)
         for i in range(WRITES):
             ann_id = worker * 1000 + i
@@ -403,20 +421,21 @@ def _writer(path: str, worker: int, store: SQLiteExemplarStore | None, errors) -
         raise
 
 
-def _check_all_writes(store: SQLiteExemplarStore) -> None:
+def _check_all_writes(store: ex.ExemplarStore) -> None:
     ids = {r.region_id for r in store.accepted_masks(1, 1)}
     assert ids == {f"w{w}-{i}" for w in range(WRITERS) for i in range(WRITES)}
-    assert store.stats()["tasks"] == 1 + WRITERS * WRITES
+    stats = store.stats()
+    assert stats["tasks"] == 1 + WRITERS * WRITES
+    assert stats["regions"] == stats["sources"] == 2 * WRITERS * WRITES  # the counts stayed exact
 
 
-def test_concurrent_writer_processes(tmp_path):
+def test_concurrent_writer_processes(make_store):
     """4 forked processes x 50 writes: no 'database is locked', no lost write, no shared connection."""
-    path = tmp_path / "exemplars.sqlite3"
-    store = SQLiteExemplarStore(path, max_tasks=10_000)
+    store = make_store(max_tasks=10_000)
     store.accepted_masks(1, 1)  # the parent holds an open connection when it forks
     context = multiprocessing.get_context("fork")
     errors = context.Queue()
-    workers = [context.Process(target=_writer, args=(str(path), w, store, errors)) for w in range(WRITERS)]
+    workers = [context.Process(target=_writer, args=(w, store, errors)) for w in range(WRITERS)]
     for process in workers:
         process.start()
     for process in workers:
@@ -444,10 +463,10 @@ def test_forked_process_opens_its_own_connection(tmp_path):
     store.close()
 
 
-def test_concurrent_writer_threads(tmp_path):
-    store = SQLiteExemplarStore(tmp_path / "exemplars.sqlite3", max_tasks=10_000)
+def test_concurrent_writer_threads(make_store):
+    store = make_store(max_tasks=10_000)
     errors = multiprocessing.get_context("fork").Queue()
-    threads = [threading.Thread(target=_writer, args=(None, w, store, errors)) for w in range(WRITERS)]
+    threads = [threading.Thread(target=_writer, args=(w, store, errors)) for w in range(WRITERS)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -477,3 +496,17 @@ def test_task_regions_can_be_built_directly(store):
     update = TaskRegions(project="1", task_id="9", sources={"annotation:1": [region]})
     assert store.sync_task(update, image_size=(H, W)).written == ["annotation:1"]
     assert store.exemplars(1, 9, "Grape")[0].label == "Grape"
+
+
+def test_an_unreachable_redis_is_a_store_error_naming_it_without_the_password():
+    with pytest.raises(ex.StoreError, match=r"redis://user:\*\*\*@127.0.0.1:9/0") as caught:
+        RedisExemplarStore("redis://user:secret@127.0.0.1:9/0")
+    assert "secret" not in str(caught.value)
+
+
+def test_a_redis_that_goes_away_is_a_store_error(redis_url):
+    store = RedisExemplarStore(redis_url)
+    store.client.connection_pool.reset()
+    store.client.connection_pool.connection_kwargs["port"] = 9  # as if Redis went down
+    with pytest.raises(ex.StoreError, match="RedisExemplarStore"):
+        store.accepted_masks(1, 1)

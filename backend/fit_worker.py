@@ -1,8 +1,13 @@
-"""One fine-tuning job: ``python -m backend.fit_worker --project <id> [--job-id ID] [--lock-fd N]``.
+"""One fine-tuning job: ``python -m backend.fit_worker --project <id> [--job-id ID] [--lock-fd N | --lease-token T]``.
 
 Started by the server on ``START_TRAINING`` (``backend.training_jobs.JobManager``) as a separate,
 niced process with TRAIN_THREADS torch threads, holding the project's training lock; it can
 also be run by hand with the server's environment (it then takes the lock itself).
+
+With REDIS_URL, ``python -m backend.fit_worker --queue`` is the training worker: it takes the jobs
+that servers queue on RQ (FIT_QUEUE) and runs each in a child process like the one above, which
+holds the project's lease and dies with the worker (``run_queued_job``). ``rq worker <FIT_QUEUE>``
+runs the same jobs.
 
 1. Fetch the project's annotated tasks from Label Studio (``backend.labelstudio_api``); every
    brush region of every annotation that was not cancelled is one object; images come through
@@ -21,12 +26,16 @@ plain ``error``; the served model is never touched before a complete version exi
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import os
 import random
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -36,6 +45,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from rq import Queue, SimpleWorker
 
 from .config import Settings
 from .errors import BackendError, ImageAccessError
@@ -45,9 +55,10 @@ from .labelstudio_api import LabelStudioApiError, ProjectExport, fetch_project
 from .logging_setup import configure_logging
 from .payload import parse_label_config
 from .rle import rle_to_mask
+from .redis_state import RedisJobRecords, connect, redacted
 from .training_jobs import (
-    FAILED, REJECTED, RUNNING, SUCCEEDED, ProjectLock, ProjectPaths, new_job_id, now_iso, promote, read_json,
-    served_checkpoint, write_json_atomic,
+    FAILED, PACKAGE_ROOT, REJECTED, RUNNING, SUCCEEDED, JobLock, JobRecords, ProjectLock, ProjectPaths, job_records,
+    new_job_id, now_iso, promote, served_checkpoint, write_json_atomic,
 )
 
 log = logging.getLogger("backend.fit_worker")
@@ -229,10 +240,10 @@ def split_holdout(objects: Sequence[Any], fraction: float, max_heldout: int, see
 
 
 class StatusWriter:
-    """The job's ``job.json``: merged updates, written atomically (progress at most once a second)."""
+    """The job's status: merged updates, written through ``write`` (progress at most once a second)."""
 
-    def __init__(self, path: Path, initial: Mapping[str, Any]):
-        self.path = path
+    def __init__(self, write: Callable[[Mapping[str, Any]], Any], initial: Mapping[str, Any]):
+        self._write = write
         self.data: Dict[str, Any] = dict(initial)
         self._written = 0.0
 
@@ -240,7 +251,7 @@ class StatusWriter:
         self.data.update(fields)
         self.data["updated_at"] = now_iso()
         if force or "state" in fields or "stage" in fields or time.monotonic() - self._written >= 1.0:
-            write_json_atomic(self.path, self.data)
+            self._write(self.data)
             self._written = time.monotonic()
 
 
@@ -405,33 +416,71 @@ def run_job(settings: Settings, project: str, status: StatusWriter, setup_token:
 
 # --- the process ---------------------------------------------------------------------------------
 
+_lease_lost: List[str] = []  # why the lease was lost, set by the keep-alive thread before it stops the job
+
 
 def _stop(signum, frame):
+    if _lease_lost:
+        raise SystemExit(f"stopped: {_lease_lost[0]}")
     raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _lose_lease(reason: str) -> None:
+    _lease_lost.append(reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _take_lock(args: argparse.Namespace, records: JobRecords, project: str) -> Tuple[Optional[JobLock], str]:
+    """(the lock this job holds, or None, why not)."""
+    if args.lock_fd is not None:
+        return ProjectLock.adopt(args.lock_fd, records.paths(project).lock), ""
+    if args.lease_token is not None:
+        if not isinstance(records, RedisJobRecords):
+            return None, "--lease-token needs REDIS_URL"
+        lease = records.adopt(project, args.lease_token)
+        if lease is None:
+            return None, (f"the lease of project {project} is no longer this job's (it expired while the job "
+                          "waited in the queue, or another job runs): not run")
+        lease.keep_alive(_lose_lease)
+        return lease, ""
+    lock = records.lock(project)
+    if not lock.try_acquire():
+        return None, f"project {project} is already training"
+    return lock, ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.fit_worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--project", required=True, help="Label Studio project id")
+    parser.add_argument("--project", help="Label Studio project id (one job)")
+    parser.add_argument("--queue", action="store_true", help="be a training worker: run queued jobs (REDIS_URL)")
+    parser.add_argument("--burst", action="store_true", help="with --queue: stop when the queue is empty")
     parser.add_argument("--job-id", default=None, help="id of the job (default: made up from the time)")
     parser.add_argument("--lock-fd", type=int, default=None,
                         help="descriptor of the project's training lock, held by the starting server")
+    parser.add_argument("--lease-token", default=None, help="token of the project's lease (queued jobs)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     configure_logging(settings.log_level)
+    if args.queue:
+        if args.project:
+            parser.error("--queue runs queued jobs: it takes no --project")
+        if not settings.scale.redis_url:
+            parser.error("--queue needs REDIS_URL (the queue and the job leases live in Redis)")
+        return run_worker(settings, burst=args.burst)
+    if not args.project:
+        parser.error("--project is required (or --queue)")
     try:
         project = project_key(args.project)
     except ValueError as exc:
         parser.error(str(exc))
-    paths = ProjectPaths(settings.model_dir, project)
-    if args.lock_fd is not None:
-        lock = ProjectLock.adopt(args.lock_fd, paths.lock)
-    else:
-        lock = ProjectLock(paths.lock)
-        if not lock.try_acquire():
-            print(f"project {project} is already training (lock {paths.lock} is held)", file=sys.stderr)
-            return 2
-        paths.clean_partial_files()
+    records = job_records(settings)
+    paths = records.paths(project)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    lock, refusal = _take_lock(args, records, project)
+    if lock is None:
+        print(refusal, file=sys.stderr)
+        return 2
+    paths.clean_partial_files()  # what an interrupted job left; only the lock's holder may
     if settings.fit.nice:
         os.nice(settings.fit.nice)  # serving keeps the CPU first
     import torch
@@ -439,10 +488,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(settings.fit.threads)
     signal.signal(signal.SIGTERM, _stop)
     job_id = args.job_id or new_job_id()
-    previous = (read_json(paths.status) or {}) if args.lock_fd is not None else {}  # the server's 'queued' status
-    status = StatusWriter(paths.status, {
+    handed_over = args.lock_fd is not None or args.lease_token is not None
+    previous = (records.read(project) or {}) if handed_over else {}  # the server's 'queued' status
+    status = StatusWriter(lambda data: records.write(project, data, lock), {
         "project": project, "job_id": job_id, "trigger": previous.get("trigger", "command line"),
         "queued_at": previous.get("queued_at", now_iso()), "log": str(paths.log), "progress": 0.0,
+        "host": socket.gethostname(), **({"queue": previous["queue"]} if "queue" in previous else {}),
     })
     started = time.perf_counter()
     try:
@@ -468,6 +519,55 @@ def _fail(status: StatusWriter, error: str) -> int:
     log.error("fine-tuning failed: %s", error, extra={"project": status.data.get("project")})
     status.update(state=FAILED, error=error, finished_at=now_iso())
     return 1
+
+
+# --- the training worker (REDIS_URL) ---------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies
+
+
+def _die_with_parent() -> None:
+    """In the job's child process: be killed when the worker dies (so a killed worker stops its job)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_queued_job(project: str, job_id: str, lease_token: str, setup_token: Optional[str] = None) -> int:
+    """The RQ job: run ``python -m backend.fit_worker`` for the project, with the lease the server took.
+
+    The child reports its own status and holds the lease; it is killed if this worker dies.
+    Raises when the job did not succeed, so RQ lists it as failed too.
+    """
+    settings = Settings.from_env()
+    paths = ProjectPaths(settings.model_dir, project_key(project))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    threads = str(settings.fit.threads)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    if setup_token:
+        env["LS_SETUP_ACCESS_TOKEN"] = setup_token
+    with open(paths.log, "w") as log_file:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "backend.fit_worker", "--project", paths.project, "--job-id", job_id,
+             "--lease-token", lease_token],
+            env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    log.info("training job started", extra={"project": paths.project, "job": job_id, "pid": child.pid})
+    code = child.wait()
+    if code != 0:
+        raise RuntimeError(f"training job {job_id} of project {paths.project} ended with exit code {code}; "
+                           f"its status says why (GET /jobs/{paths.project})")
+    return code
+
+
+def run_worker(settings: Settings, burst: bool = False) -> int:
+    """Take queued jobs one after another until stopped (or, with ``burst``, until the queue is empty)."""
+    client = connect(settings.scale.redis_url)
+    worker = SimpleWorker([Queue(settings.scale.queue, connection=client)], connection=client)
+    log.info("training worker waiting for jobs", extra={"queue": settings.scale.queue,
+                                                        "redis": redacted(settings.scale.redis_url)})
+    worker.work(burst=burst, logging_level=settings.log_level)
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,18 +21,21 @@ import json
 import logging
 import random
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from rq import Queue
 
 from . import exemplars as exemplar_module
 from .exemplars import (
-    Exemplar, ExemplarStore, Size, StoreError, store_errors, StoredSource, SyncReport, TaskRegions, nothing_to_write, plan_sync,
-    project_key, resolve_sync, task_key,
+    Exemplar, ExemplarStore, Size, StoredSource, StoreError, SyncReport, TaskRegions, nothing_to_write, plan_sync,
+    project_key, resolve_sync, store_errors, task_key,
 )
+from .training_jobs import ACTIVE_STATES, FAILED, QUEUED, JobLock, JobRecords, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +297,136 @@ class RedisExemplarStore(ExemplarStore):
     def close(self) -> None:
         self.client.close()
 
+
+
+# --- training jobs -------------------------------------------------------------------------------
+
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_WRITE_IF_HELD = ("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[2], ARGV[2]) return 1 end"
+                  " return 0")
+
+
+class RedisLease(JobLock):
+    """A project's right to run a job: a Redis key holding the job's token, with an expiry.
+
+    The starting server takes it for FIT_QUEUE_TIMEOUT (the job waits in the queue); the job
+    process adopts it with the token and renews it every third of JOB_LEASE_SECONDS. When the
+    holder dies, nobody renews it: it expires and the next job can start.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: float, token: Optional[str] = None):
+        self.client, self.key, self.ttl_ms = client, key, int(ttl_s * 1000)
+        self.token = token
+        self._stop = threading.Event()
+
+    def try_acquire(self) -> bool:
+        token = secrets.token_hex(16)
+        if self.client.set(self.key, token, nx=True, px=self.ttl_ms):
+            self.token = token
+            return True
+        return False
+
+    def renew(self) -> bool:
+        """Extend the lease by its TTL; False when it is no longer this token's."""
+        return bool(self.client.eval(_RENEW, 1, self.key, self.token or "", self.ttl_ms))
+
+    def keep_alive(self, on_lost: Callable[[str], None]) -> threading.Thread:
+        """Renew every third of the TTL in a daemon thread; ``on_lost(reason)`` once if it is lost."""
+        def loop() -> None:
+            while not self._stop.wait(self.ttl_ms / 3000):
+                try:
+                    held = self.renew()
+                except redis.RedisError as exc:  # Redis away for a moment: nobody else can take it either
+                    log.warning("cannot renew the training lease: %s", exc, extra={"lease": self.key})
+                    continue
+                if not held:
+                    on_lost(f"the job's lease {self.key} expired or was taken by another job")
+                    return
+
+        thread = threading.Thread(target=loop, daemon=True, name="lease-keep-alive")
+        thread.start()
+        return thread
+
+    def release(self) -> None:
+        self._stop.set()
+        if self.token is not None:
+            try:
+                self.client.eval(_RELEASE, 1, self.key, self.token)
+            except redis.RedisError as exc:  # it expires by itself
+                log.warning("cannot release the training lease: %s", exc, extra={"lease": self.key})
+            self.token = None
+
+    def close(self) -> None:
+        self._stop.set()  # handed over: the job renews it from here on
+
+
+class RedisJobRecords(JobRecords):
+    """Several hosts: the lock is a ``RedisLease``, the status and the annotation count Redis keys,
+    and jobs go to the RQ queue FIT_QUEUE."""
+
+    def __init__(self, model_dir: Any, scale: Any, prefix: str = KEY_PREFIX):
+        super().__init__(model_dir)
+        self.scale = scale
+        self.prefix = prefix
+        self.client = connect(scale.redis_url)
+
+    def _key(self, project: str, name: str) -> str:
+        return f"{self.prefix}:job:{project}:{name}"
+
+    def lock(self, project: str) -> RedisLease:
+        """The lease as the starting server takes it: for as long as the job may wait in the queue."""
+        return RedisLease(self.client, self._key(project, "lease"), self.scale.queue_timeout_s)
+
+    def adopt(self, project: str, token: str) -> Optional[RedisLease]:
+        """The job process's lease, renewed for JOB_LEASE_SECONDS; None if ``token`` no longer holds it."""
+        lease = RedisLease(self.client, self._key(project, "lease"), self.scale.lease_seconds, token=token)
+        return lease if lease.renew() else None
+
+    def read(self, project: str) -> Optional[Dict[str, Any]]:
+        raw = self.client.get(self._key(project, "status"))
+        return json.loads(raw) if raw else None
+
+    def write(self, project: str, job: Mapping[str, Any], holder: JobLock) -> bool:
+        token = getattr(holder, "token", None) or ""
+        return bool(self.client.eval(_WRITE_IF_HELD, 2, self._key(project, "lease"), self._key(project, "status"),
+                                     token, json.dumps(job, default=str)))
+
+    def settle(self, project: str, exit_code: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """A job 'queued' or 'running' whose lease expired is marked failed (atomically: a new job's
+        lease or status appearing meanwhile cancels it)."""
+        status, lease = self._key(project, "status"), self._key(project, "lease")
+
+        def body(pipe: Any) -> Optional[Dict[str, Any]]:
+            raw = pipe.get(status)
+            job = json.loads(raw) if raw else None
+            if job is None or job.get("state") not in ACTIVE_STATES or pipe.exists(lease):
+                return job
+            if job["state"] == QUEUED:
+                job = {**job, "state": FAILED, "finished_at": now_iso(), "updated_at": now_iso(),
+                       "error": f"no training worker took the job within FIT_QUEUE_TIMEOUT={self.scale.queue_timeout_s} s: "
+                                f"start `python -m backend.fit_worker --queue` on a machine that shares MODEL_DIR "
+                                f"and REDIS_URL (queue {self.scale.queue!r}); the served model is unchanged"}
+            else:
+                job = self.died(job, f"stopped renewing its lease (killed, crashed, or its machine went away; "
+                                     f"JOB_LEASE_SECONDS={self.scale.lease_seconds})")
+            pipe.multi()
+            pipe.set(status, json.dumps(job, default=str))
+            return job
+
+        return transaction(self.client, [status, lease], body)
+
+    def count_annotations(self, project: str, new: int, due: Callable[[int], bool]) -> bool:
+        key = self._key(project, "count")
+        count = self.client.incrby(key, new)
+        if due(count):
+            self.client.decrby(key, count)  # what other hosts counted meanwhile stays
+            return True
+        return False
+
+    def enqueue(self, project: str, job_id: str, lease: RedisLease, setup_token: Optional[str]) -> None:
+        """Queue the job for a training worker (``backend.fit_worker.run_queued_job``)."""
+        Queue(self.scale.queue, connection=self.client).enqueue_call(
+            "backend.fit_worker.run_queued_job", args=(project, job_id, lease.token),
+            kwargs={"setup_token": setup_token}, timeout=-1, job_id=job_id, result_ttl=7 * 86400,
+            failure_ttl=7 * 86400, description=f"fine-tune project {project} (job {job_id})")

@@ -13,13 +13,22 @@ Layout under ``MODEL_DIR/<project>/`` (``<project>`` is Label Studio's numeric p
     current.json       the version served for this project, replaced atomically on promotion
     annotations.count  new annotations since the last job (TRAIN_EVERY_N_ANNOTATIONS)
 
-``JobManager`` starts jobs (``python -m backend.fit_worker``, a separate, niced process with its
-own thread count, which inherits the lock) and reads their status; ``ProjectModels`` serves
-each project's promoted version, reloading it when ``current.json`` changes (one ``stat`` per
-request). Without ``current.json`` a project is served the default checkpoint (``CHECKPOINT``).
+``JobManager`` starts jobs and reads their status; ``ProjectModels`` serves each project's
+promoted version, reloading it when ``current.json`` changes (one ``stat`` per request).
+Without ``current.json`` a project is served the default checkpoint (``CHECKPOINT``).
+
+Where the lock and the status live is a ``JobRecords``:
+
+- ``FileJobRecords`` (one host, the default): ``train.lock`` and ``job.json`` above; a job is
+  ``python -m backend.fit_worker``, a separate, niced process with its own thread count, which
+  inherits the lock;
+- ``backend.redis_state.RedisJobRecords`` (``REDIS_URL``: several hosts): a lease that expires
+  unless its holder renews it, and the status in Redis; a job is queued on RQ and run by
+  ``python -m backend.fit_worker --queue`` on any machine that shares ``MODEL_DIR``.
 """
 from __future__ import annotations
 
+import abc
 import errno
 import fcntl
 import json
@@ -156,7 +165,23 @@ class ProjectPaths:
         return removed
 
 
-class ProjectLock:
+class JobLock(abc.ABC):
+    """One project's right to run a job, taken by the starting server and handed to the job."""
+
+    @abc.abstractmethod
+    def try_acquire(self) -> bool:
+        """Take it unless someone holds it."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Give it up (the holder, when the job ends or did not start)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Hand it over: the job keeps it from here on."""
+
+
+class ProjectLock(JobLock):
     """The per-project training lock (``flock`` on ``train.lock``), shared by every process.
 
     flock belongs to the open file, so a child process that inherits the descriptor keeps
@@ -311,6 +336,102 @@ class ProjectModels(Generic[P]):
         return None if predictor is None else self._served[project].version
 
 
+# --- where jobs are recorded ----------------------------------------------------------------------
+
+
+class JobRecords(abc.ABC):
+    """Where each project's job lock, job status and annotation count live."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+
+    def paths(self, project: str) -> ProjectPaths:
+        return ProjectPaths(self.model_dir, project)
+
+    @abc.abstractmethod
+    def lock(self, project: str) -> JobLock:
+        """The project's lock (not taken yet)."""
+
+    @abc.abstractmethod
+    def read(self, project: str) -> Optional[Dict[str, Any]]:
+        """The last job's status, None when there was none."""
+
+    @abc.abstractmethod
+    def write(self, project: str, job: Mapping[str, Any], holder: JobLock) -> bool:
+        """Write the status if ``holder`` still holds the project's lock; False (nothing written) if not."""
+
+    @abc.abstractmethod
+    def settle(self, project: str, exit_code: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """The status, after marking failed a 'queued'/'running' job whose holder is gone."""
+
+    @abc.abstractmethod
+    def count_annotations(self, project: str, new: int, due: Callable[[int], bool]) -> bool:
+        """Add ``new`` to the project's count; when ``due(count)`` is True the count starts again from 0."""
+
+    def died(self, job: Mapping[str, Any], how: str) -> Dict[str, Any]:
+        """``job`` marked failed: its process ``how`` (e.g. "ended with exit code 9") before finishing."""
+        tail = _log_tail(self.paths(str(job.get("project"))).log)
+        return {**job, "state": FAILED, "finished_at": now_iso(), "updated_at": now_iso(),
+                "error": f"the training process {how} during '{job.get('stage')}' without finishing; "
+                         f"the served model is unchanged. Last log lines: {tail}"}
+
+
+class FileJobRecords(JobRecords):
+    """One host: ``train.lock`` (flock), ``job.json`` and ``annotations.count`` in ``MODEL_DIR/<project>/``."""
+
+    def lock(self, project: str) -> ProjectLock:
+        return ProjectLock(self.paths(project).lock)
+
+    def read(self, project: str) -> Optional[Dict[str, Any]]:
+        return read_json(self.paths(project).status)
+
+    def write(self, project: str, job: Mapping[str, Any], holder: JobLock) -> bool:
+        write_json_atomic(self.paths(project).status, job)  # only the holder of the flock writes
+        return True
+
+    def settle(self, project: str, exit_code: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Under the lock, so a new job's status is never overwritten."""
+        job = self.read(project)
+        if job is None or job.get("state") not in ACTIVE_STATES:
+            return job
+        lock = self.lock(project)
+        if not lock.try_acquire():
+            return job  # it is alive
+        try:
+            job = self.read(project)
+            if job is None or job.get("state") not in ACTIVE_STATES:
+                return job
+            how = f"with exit code {exit_code}" if exit_code is not None else "(killed, crashed or the server restarted)"
+            job = self.died(job, f"ended {how}")
+            write_json_atomic(self.paths(project).status, job)
+            return job
+        finally:
+            lock.release()
+
+    def count_annotations(self, project: str, new: int, due: Callable[[int], bool]) -> bool:
+        paths = self.paths(project)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        with open(paths.counter, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # other workers count too
+            f.seek(0)
+            text = f.read().strip()
+            count = (int(text) if text.isascii() and text.isdigit() and len(text) < 19 else 0) + new
+            started = due(count)
+            f.seek(0)
+            f.truncate()
+            f.write("0" if started else str(count))
+        return started
+
+
+def job_records(settings: Settings) -> JobRecords:
+    """Redis records when REDIS_URL is set, else files."""
+    if settings.scale.redis_url:
+        from .redis_state import RedisJobRecords  # the Redis client only where it is used
+
+        return RedisJobRecords(settings.model_dir, settings.scale)
+    return FileJobRecords(settings.model_dir)
+
+
 # --- jobs ------------------------------------------------------------------------------------------
 
 
@@ -322,15 +443,17 @@ class StartResult:
 
 
 class JobManager:
-    """Starts training jobs as processes and reports their status; one per server worker.
+    """Starts training jobs and reports their status; one per server worker.
 
-    ``command`` (tests) replaces ``[python, -m, backend.fit_worker]``.
+    Without REDIS_URL a job is a process of this server (``python -m backend.fit_worker``;
+    ``command`` replaces that in tests). With it, a job is queued on RQ for a training worker.
     """
 
     def __init__(self, settings: Settings, setup_access_token: Callable[[], Optional[str]] = lambda: None,
                  command: Optional[List[str]] = None):
         self.settings = settings
         self.model_dir = settings.model_dir
+        self.records = job_records(settings)
         self._setup_access_token = setup_access_token
         self.command = command or [sys.executable, "-m", "backend.fit_worker"]
         self._counter_lock = threading.Lock()
@@ -348,7 +471,7 @@ class JobManager:
                 f"projects to train project {paths.project}")
 
     def start(self, project: str, trigger: str) -> StartResult:
-        """Start a job for ``project`` unless one runs; returns at once (the job is a separate process)."""
+        """Start a job for ``project`` unless one runs or is queued; returns at once."""
         paths = self.paths(project)
         no_room = self._no_room(paths)
         if no_room:
@@ -356,42 +479,48 @@ class JobManager:
             return StartResult(False, f"training not started: {no_room}",
                                {"project": project, "state": FAILED, "error": no_room})
         problem = self._cannot_train()
-        lock = ProjectLock(paths.lock)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        lock = self.records.lock(project)
         if not lock.try_acquire():
             job = self.status(project)
             log.info("training already running", extra={"project": project, "job": job.get("job_id"),
                                                          "trigger": trigger})
             return StartResult(False, f"already training (job {job.get('job_id')}, {job.get('stage', job['state'])})", job)
+        handed_over = False
         try:
-            removed = paths.clean_partial_files()
-            if removed:
-                log.info("removed partial files of an interrupted job", extra={"project": project, "files": removed})
             job_id = new_job_id()
             job: Dict[str, Any] = {
                 "project": project, "job_id": job_id, "state": QUEUED, "stage": "starting", "trigger": trigger,
                 "queued_at": now_iso(), "updated_at": now_iso(), "progress": 0.0, "log": str(paths.log),
             }
             if problem:
-                job.update(state=FAILED, stage="not started", error=problem, finished_at=now_iso())
-                write_json_atomic(paths.status, job)
-                log.error("training not started: %s", problem, extra={"project": project})
-                return StartResult(False, f"training not started: {problem}", job)
-            write_json_atomic(paths.status, job)
+                return self._not_started(job, lock, problem)
+            queue = self.settings.scale.queue if self.settings.scale.redis_url else None
+            if queue:
+                job.update(stage=f"waiting for a training worker on queue {queue!r}", queue=queue)
+            self.records.write(project, job, lock)
             try:
-                process = self._spawn(paths, job_id, lock.fd)
-            except OSError as exc:
-                job.update(state=FAILED, stage="not started", error=f"cannot start the training process: {exc}",
-                           finished_at=now_iso())
-                write_json_atomic(paths.status, job)
-                log.error("cannot start the training process", extra={"project": project, "reason": str(exc)})
-                return StartResult(False, f"training not started: {job['error']}", job)
+                if queue:
+                    self.records.enqueue(project, job_id, lock, self._setup_access_token())
+                else:
+                    job["pid"] = self._spawn(paths, job_id, lock.fd).pid
+            except Exception as exc:  # noqa: BLE001 - OSError from a spawn, RedisError from a queue
+                return self._not_started(job, lock, f"cannot start the training job: {exc}")
+            handed_over = True
         finally:
-            lock.close()  # the job process holds the lock from here on (or nobody, if it did not start)
-        job["pid"] = process.pid
-        threading.Thread(target=self._watch, args=(paths, job_id, process), daemon=True,
-                         name=f"fit-watch-{project}").start()
-        log.info("training started", extra={"project": project, "job": job_id, "pid": process.pid, "trigger": trigger})
-        return StartResult(True, f"training started (job {job_id})", job)
+            if handed_over:
+                lock.close()  # the job holds the lock from here on
+            else:
+                lock.release()
+        log.info("training started", extra={"project": project, "job": job_id, "pid": job.get("pid"),
+                                            "queue": job.get("queue"), "trigger": trigger})
+        return StartResult(True, f"training {'queued' if job.get('queue') else 'started'} (job {job_id})", job)
+
+    def _not_started(self, job: Dict[str, Any], lock: JobLock, problem: str) -> StartResult:
+        job.update(state=FAILED, stage="not started", error=problem, finished_at=now_iso())
+        self.records.write(job["project"], job, lock)
+        log.error("training not started: %s", problem, extra={"project": job["project"]})
+        return StartResult(False, f"training not started: {problem}", job)
 
     def _cannot_train(self) -> Optional[str]:
         access = self.settings.image_access
@@ -421,16 +550,19 @@ class JobManager:
 
     def _spawn(self, paths: ProjectPaths, job_id: str, lock_fd: int) -> subprocess.Popen:
         with open(paths.log, "w") as log_file:  # the child keeps its own descriptor
-            return subprocess.Popen(
+            process = subprocess.Popen(
                 [*self.command, "--project", paths.project, "--job-id", job_id, "--lock-fd", str(lock_fd)],
                 env=self.child_environment(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 pass_fds=(lock_fd,), start_new_session=True,
             )
+        threading.Thread(target=self._watch, args=(paths, job_id, process), daemon=True,
+                         name=f"fit-watch-{paths.project}").start()
+        return process
 
     def _watch(self, paths: ProjectPaths, job_id: str, process: subprocess.Popen) -> None:
         """Reap the job process; record a death the job could not report itself."""
         code = process.wait()
-        job = self._settle(paths, exit_code=code) or read_json(paths.status) or {}
+        job = self.records.settle(paths.project, exit_code=code) or {}
         if job.get("job_id") != job_id:
             return
         level = logging.INFO if job.get("state") in (SUCCEEDED, REJECTED) else logging.ERROR
@@ -439,34 +571,11 @@ class JobManager:
             "model_version": job.get("version"), "promoted": job.get("promoted"), "reason": job.get("reason"),
             "error": job.get("error")})
 
-    def _settle(self, paths: ProjectPaths, exit_code: Optional[int] = None) -> Optional[Dict[str, Any]]:
-        """A status still 'queued'/'running' with nobody holding the lock belongs to a dead job:
-        mark it failed (under the lock, so a new job's status is never overwritten)."""
-        job = read_json(paths.status)
-        if job is None or job.get("state") not in ACTIVE_STATES:
-            return job
-        lock = ProjectLock(paths.lock)
-        if not lock.try_acquire():
-            return job  # it is alive
-        try:
-            job = read_json(paths.status)
-            if job is None or job.get("state") not in ACTIVE_STATES:
-                return job
-            how = f"with exit code {exit_code}" if exit_code is not None else "(killed, crashed or the server restarted)"
-            job.update(state=FAILED, finished_at=now_iso(), updated_at=now_iso(),
-                       error=f"the training process ended {how} during '{job.get('stage')}' without finishing; "
-                             f"the served model is unchanged. Last log lines: {_log_tail(paths.log)}")
-            write_json_atomic(paths.status, job)
-            return job
-        finally:
-            lock.release()
-
     # reading
 
     def status(self, project: str) -> Dict[str, Any]:
-        """The last job's status (``state`` 'idle' when there was none) and the served version."""
-        paths = self.paths(project)
-        job = self._settle(paths) or {"project": project, "state": IDLE}
+        """The last job's status (``state`` 'idle' when there was none)."""
+        job = self.records.settle(project) or {"project": project, "state": IDLE}
         job["training"] = job["state"] in ACTIVE_STATES
         return job
 
@@ -506,26 +615,17 @@ class JobManager:
         every = self.settings.fit.every_n_annotations
         if every <= 0 or new <= 0:
             return False
-        paths = self.paths(project)
-        no_room = self._no_room(paths)
+        no_room = self._no_room(self.paths(project))
         if no_room:
             log.warning("annotations not counted: %s", no_room, extra={"project": project})
             return False
-        paths.root.mkdir(parents=True, exist_ok=True)
-        with self._counter_lock, open(paths.counter, "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # other workers count too
-            f.seek(0)
-            text = f.read().strip()
-            count = (int(text) if text.isascii() and text.isdigit() and len(text) < 19 else 0) + new
-            due = count >= every
-            if due and self.start(project, trigger=f"{count} new annotations (TRAIN_EVERY_N_ANNOTATIONS={every})").started:
-                count = 0
-            else:
-                due = False
-            f.seek(0)
-            f.truncate()
-            f.write(str(count))
-        return due
+
+        def due(count: int) -> bool:
+            return count >= every and self.start(
+                project, trigger=f"{count} new annotations (TRAIN_EVERY_N_ANNOTATIONS={every})").started
+
+        with self._counter_lock:
+            return self.records.count_annotations(project, new, due)
 
 
 def _log_tail(path: Path, lines: int = 3, max_chars: int = 600) -> str:

@@ -52,7 +52,7 @@ def run(settings: Settings, project: str = "1") -> dict:
     """run_job in this process; returns the status it wrote."""
     paths = ProjectPaths(settings.model_dir, project)
     paths.root.mkdir(parents=True, exist_ok=True)
-    status = StatusWriter(paths.status, {"project": project, "job_id": "test"})
+    status = StatusWriter(lambda data: write_json_atomic(paths.status, data), {"project": project, "job_id": "test"})
     return run_job(settings, project, status)
 
 
@@ -198,9 +198,9 @@ def test_one_job_per_project_and_a_killed_job_leaves_the_served_model(label_stud
     assert dead["state"] == "failed" and "ended" in dead["error"] and "the served model is unchanged" in dead["error"]
     assert paths.pointer.read_bytes() == pointer and not (tmp_path / "1" / "p1-v2").exists()
 
-    second = worker_b.start("1", trigger="test")  # the next start cleans the partial files
+    second = worker_b.start("1", trigger="test")  # the next job cleans the partial files
     assert second.started
-    assert not list(tmp_path.joinpath("1").glob(f".tmp-p1-v2-{job['pid']}"))
+    wait_for(lambda: not list(tmp_path.joinpath("1").glob(f".tmp-p1-v2-{job['pid']}")), what="the partial files to go")
     running = wait_for(lambda: (j := worker_a.status("1")).get("state") == "running" and j.get("pid") and j,
                        what="the second job to run")
     os.kill(running["pid"], signal.SIGTERM)  # a polite stop is reported by the job itself

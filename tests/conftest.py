@@ -2,6 +2,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +66,45 @@ def redis_url(redis_server) -> str:
     url = f"{redis_server}/0"
     redis.Redis.from_url(url).flushall()
     return url
+
+
+@pytest.fixture
+def backend_processes(tmp_path):
+    """``start(env) -> base URL``: a gunicorn backend process on a free loopback port, up and answering
+    /health; all of them are stopped at the end of the test (their logs: ``tmp_path/backend-<port>.log``)."""
+    import requests
+
+    started = []
+
+    def start(env: dict, timeout: float = 180.0) -> str:
+        port = free_port()
+        log_path = tmp_path / f"backend-{port}.log"
+        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
+        with open(log_path, "w") as log:
+            server = subprocess.Popen([str(Path(sys.executable).with_name("gunicorn")), "-c",
+                                       "backend/gunicorn.conf.py", "backend.wsgi:app"],
+                                      cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        started.append(server)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=5).status_code == 200:
+                    return base
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            assert server.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"gunicorn did not start within {timeout} s: {log_path.read_text()}"
+            time.sleep(0.3)
+
+    yield start
+    for server in started:
+        server.terminate()
+    for server in started:
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def pytest_collection_modifyitems(config, items):

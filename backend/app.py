@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,13 +97,22 @@ def _reason_phrase(message: str) -> str:
     return text[:400] or "error"
 
 
+def inbox_name(settings: Settings) -> str:
+    """The webhook inbox file: one per host (its entries name processes by pid, which only the host
+    that runs them can check). With REDIS_URL, several hosts share MODEL_DIR: the host name tells them apart."""
+    if not settings.scale.redis_url:
+        return "webhooks.sqlite3"
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:64] or "host"
+    return f"webhooks-{host}.sqlite3"
+
+
 def create_app(settings: Optional[Settings] = None, service: Optional[ClickSegModel] = None) -> Flask:
     """The WSGI app; ``service`` defaults to ``ClickSegModel(settings)`` (model loaded lazily)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     service = service or ClickSegModel(settings)
     webhook_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook")
-    inbox = WebhookInbox(settings.model_dir / "webhooks.sqlite3")  # opened on the first webhook
+    inbox = WebhookInbox(settings.model_dir / inbox_name(settings))  # opened on the first webhook
 
     def handle_webhook(entry: Optional[int], action: str, body: Dict[str, Any]) -> Dict[str, str]:
         try:

@@ -268,3 +268,20 @@ def test_the_job_records_are_plain_json(redis_url, tmp_path):
     assert not records.write("7", {"project": "7", "state": "running"}, stranger)  # only the holder writes
     lock.release()
     assert records.lock("7").try_acquire()
+
+
+def test_the_compose_scale_profile():
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    scaled = {name for name, service in services.items() if service.get("profiles") == ["scale"]}
+    assert scaled == {"redis", "backend-1", "backend-2", "balancer", "fit-worker"}
+    for name in ("backend-1", "backend-2", "fit-worker"):
+        env = services[name]["environment"]
+        assert env["REDIS_URL"] == "redis://redis:6379/0" and env["EXEMPLAR_STORE"] == "redis"
+        assert "models:/models" in services[name]["volumes"]  # one MODEL_DIR for all
+    assert services["fit-worker"]["command"] == ["python", "-m", "backend.fit_worker", "--queue"]
+    assert "REDIS_URL" not in services["backend"]["environment"]  # the single-host default is unchanged
+    nginx = (REPO / "deploy" / "nginx.conf").read_text()
+    assert "server backend-1:9090" in nginx and "server backend-2:9090" in nginx
+    assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in services["balancer"]["volumes"]

@@ -483,6 +483,16 @@ def source_digest(regions: Sequence[Exemplar]) -> bytes:
     return digest.digest()
 
 
+def checked_size(image_size: Optional[Sequence[int]]) -> Optional[Size]:
+    """``image_size`` as a (height, width) of ints; ValueError unless both are positive."""
+    if image_size is None:
+        return None
+    size = (int(image_size[0]), int(image_size[1]))
+    if min(size) < 1:
+        raise ValueError(f"image_size must be a positive (height, width), got {size}")
+    return size
+
+
 def _most_common_size(update: TaskRegions) -> Optional[Size]:
     sizes = Counter((r.height, r.width) for regions in update.sources.values() for r in regions)
     return sizes.most_common(1)[0][0] if sizes else None
@@ -809,10 +819,7 @@ class SQLiteExemplarStore(ExemplarStore):
 
     @store_errors
     def sync_task(self, update: TaskRegions, image_size: Optional[Size] = None) -> SyncReport:
-        if image_size is not None:
-            image_size = (int(image_size[0]), int(image_size[1]))
-            if min(image_size) < 1:
-                raise ValueError(f"image_size must be a positive (height, width), got {image_size}")
+        image_size = checked_size(image_size)
         project, task_id = project_key(update.project), task_key(update.task_id)
         # Decode the RLE of changed sources before taking the write lock, and write if the task's
         # size is still the one they were checked against (another worker may change it: rare).

@@ -32,8 +32,8 @@ from rq import Queue
 
 from . import exemplars as exemplar_module
 from .exemplars import (
-    Exemplar, ExemplarStore, Size, StoredSource, StoreError, SyncReport, TaskRegions, nothing_to_write, plan_sync,
-    project_key, resolve_sync, store_errors, task_key,
+    Exemplar, ExemplarStore, Size, StoredSource, StoreError, SyncReport, TaskRegions, checked_size, nothing_to_write,
+    plan_sync, project_key, resolve_sync, store_errors, task_key,
 )
 from .training_jobs import ACTIVE_STATES, FAILED, QUEUED, JobLock, JobRecords, now_iso
 
@@ -193,10 +193,7 @@ class RedisExemplarStore(ExemplarStore):
 
     @store_errors
     def sync_task(self, update: TaskRegions, image_size: Optional[Size] = None) -> SyncReport:
-        if image_size is not None:
-            image_size = (int(image_size[0]), int(image_size[1]))
-            if min(image_size) < 1:
-                raise ValueError(f"image_size must be a positive (height, width), got {image_size}")
+        image_size = checked_size(image_size)
         project, task_id = project_key(update.project), task_key(update.task_id)
         key = self._task(project, task_id)
         plans: Dict[Any, Any] = {}  # (stored size, stored digests) -> plan: RLE is checked once per state

@@ -68,6 +68,49 @@ def redis_url(redis_server) -> str:
     return url
 
 
+TEXTURE_SIZE, TEXTURED_TASKS = 128, 12  # test_fit_proof's numbers depend on these
+
+
+@pytest.fixture(scope="module")
+def texture_project():
+    """A fake Label Studio API on loopback (``.url``): project 1 with TEXTURED_TASKS tasks of one
+    texture class at TEXTURE_SIZE px, each with a brush annotation, then a cancelled annotation, a
+    keypoint-only annotation and an unannotated task."""
+    from test_fit_support import FakeLabelStudioApi, brush_annotation, texture_scene
+    from test_server_support import annotation, keypoint, serve
+
+    fake = FakeLabelStudioApi()
+    fake.add_project()
+    for seed in range(TEXTURED_TASKS):
+        image, mask = texture_scene(seed, TEXTURE_SIZE)
+        fake.add_task(image, [brush_annotation([mask])])
+    image, mask = texture_scene(100, TEXTURE_SIZE)
+    fake.add_task(image, [brush_annotation([mask], cancelled=True)])  # skipped: cancelled
+    fake.add_task(texture_scene(101, TEXTURE_SIZE)[0],
+                  [annotation([keypoint(50, 50, width=TEXTURE_SIZE, height=TEXTURE_SIZE)])])  # no brush
+    fake.add_task(texture_scene(102, TEXTURE_SIZE)[0])  # not annotated
+    with serve(fake) as url:
+        fake.url = url
+        yield fake
+
+
+def _wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
+    """The first true value of ``condition()``, polled every 0.2 s; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def wait_for():
+    """``wait_for(condition, timeout=120, what=...)``: poll until ``condition()`` is true, return its value."""
+    return _wait_for
+
+
 @pytest.fixture
 def backend_processes(tmp_path):
     """``start(env) -> base URL``: a gunicorn backend process on a free loopback port, up and answering

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +55,6 @@ def run(settings: Settings, project: str = "1") -> dict:
     return run_job(settings, project, status)
 
 
-def wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -172,7 +163,7 @@ def test_malformed_webhooks_are_400s(checkpoint, tmp_path, body, fragment):
 # --- jobs as processes: locks, status, crashes -----------------------------------------------------
 
 
-def test_one_job_per_project_and_a_killed_job_leaves_the_served_model(label_studio, checkpoint, tmp_path):
+def test_one_job_per_project_and_a_killed_job_leaves_the_served_model(wait_for, label_studio, checkpoint, tmp_path):
     add_textured_tasks(label_studio, 4)
     settings = fit_settings(label_studio.url, tmp_path, checkpoint, FIT_STEPS="5000", FIT_NICE="5")
     paths = ProjectPaths(tmp_path, "1")
@@ -209,7 +200,7 @@ def test_one_job_per_project_and_a_killed_job_leaves_the_served_model(label_stud
     assert paths.pointer.read_bytes() == pointer and paths.versions() == ["p1-v1"]
 
 
-def test_a_job_that_fails_reports_it_in_its_status_and_log(checkpoint, tmp_path):
+def test_a_job_that_fails_reports_it_in_its_status_and_log(wait_for, checkpoint, tmp_path):
     jobs = JobManager(fit_settings("http://127.0.0.1:9", tmp_path, checkpoint))
     assert jobs.start("3", trigger="test").started
     job = wait_for(lambda: (j := jobs.status("3"))["state"] not in ("queued", "running") and j, what="the failure")
@@ -295,7 +286,7 @@ def test_project_models_follow_the_pointer(tmp_path, caplog):
 # --- webhooks and the exemplar store ---------------------------------------------------------------
 
 
-def test_annotation_webhooks_feed_the_exemplar_store_and_start_a_job_every_n(checkpoint, tmp_path):
+def test_annotation_webhooks_feed_the_exemplar_store_and_start_a_job_every_n(wait_for, checkpoint, tmp_path):
     settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "CHECKPOINT": str(checkpoint), "LOG_LEVEL": "WARNING",
                                   "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": API_KEY,
                                   "TRAIN_EVERY_N_ANNOTATIONS": "2"})

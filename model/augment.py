@@ -7,7 +7,7 @@ functions so it can be tested on tiny arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch

@@ -71,6 +71,12 @@ def read_header(path: str | os.PathLike) -> Tuple[str, Dict[str, Any], Dict[str,
     return arch, config, meta
 
 
+def short_message(exc: BaseException, limit: int = 600) -> str:
+    """The first ``limit`` characters of an exception's message, on one line."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     expect_arch: Optional[str] = None,
@@ -98,15 +104,11 @@ def load_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"checkpoint {path} is corrupt: {exc}") from exc
     own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or bad_shapes:
-        raise ValueError(
-            f"checkpoint {path} does not match architecture {arch!r} with its config: "
-            f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shapes={bad_shapes[:5]}"
-        )
-    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    try:  # strict: missing, unexpected and wrong-shaped keys are all reported
+        net.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path} does not match architecture {arch!r} with its config: "
+                         f"{short_message(exc)}") from None
     net.checkpoint_meta = meta
     net.checkpoint_path = str(path)
     return net.to(map_location).eval()

@@ -601,16 +601,11 @@ def load_official_checkpoint(path: str | Path, map_location: str | torch.device 
         config = config_from_state_dict(state)
     with torch.device("meta"):
         net = create_model("plainvit", config)
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or bad_shapes:
-        raise ValueError(
-            f"official checkpoint {path} does not match plainvit {config}: "
-            f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shapes={bad_shapes[:5]}"
-        )
-    net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    try:  # strict: missing, unexpected and wrong-shaped keys are all reported
+        net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as exc:
+        text = " ".join(str(exc).split())
+        raise ValueError(f"official checkpoint {path} does not match plainvit {config}: {text[:600]}") from None
     # Non-persistent buffers were created on meta; rebuild them from the config.
     net.image_mean = torch.tensor(net.arch_config["image_mean"]).view(1, 3, 1, 1)
     net.image_std = torch.tensor(net.arch_config["image_std"]).view(1, 3, 1, 1)

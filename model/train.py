@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,16 +295,105 @@ def set_train_mode(net: nn.Module, freeze_backbone: bool) -> None:
                 module.eval()
 
 
-class Trainer:
-    """Owns the network, optimiser and schedule; ``run()`` trains to ``config.steps``."""
+class TrainerBase:
+    """What every trainer shares: device and threads, the warm-up + cosine schedule, atomic resume
+    state (``out_dir/last.pt``), log lines and the step loop.
 
-    def __init__(self, config: TrainConfig, sources=None, on_progress: Optional[Callable[[Dict], None]] = None):
+    A subclass builds ``self.net`` and ``self.optimizer``, then calls ``_begin()``; it implements
+    ``train_step()``, ``export(name)``, ``_state()`` / ``_load_state(state)`` (what ``last.pt`` holds
+    besides the optimiser, schedule and step), and may hook ``_after_step(stats)``.
+    """
+
+    progress_name = "train"
+
+    def __init__(self, config: Any):
         self.config = config
         self.device = resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.out_dir = Path(config.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+
+    def _begin(self, config_dict: Dict[str, Any]) -> None:
+        """With the network and optimiser built: the schedule, the config file, and resume."""
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        self._resume()
+
+    def _lr_factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.config.warmup_steps))
+        progress = min(1.0, step / max(1, self.config.steps))
+        return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # --- checkpoints ---
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def _state(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _resume(self) -> None:
+        if not self.state_path.exists():
+            return
+        state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        self._load_state(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", self.state_path, self.step)
+
+    def save_state(self) -> None:
+        state = {**self._state(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "step": self.step}
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def export(self, name: str) -> Path:
+        raise NotImplementedError
+
+    # --- the loop ---
+    def train_step(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def _after_step(self, stats: Dict[str, Any]) -> None:
+        """Called after every step (logged or not): progress callbacks, validation."""
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run_steps(self) -> None:
+        """Train to ``config.steps``: log every ``log_every``, save state and ``last`` every ``checkpoint_every``."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.progress_name, dynamic_ncols=True, disable=None)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            stats = self.train_step()
+            stats.update(sec_per_step=time.perf_counter() - t0, step=self.step, lr=self.scheduler.get_last_lr()[-1])
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", iou=f"{stats['iou']:.3f}", s=f"{stats['sec_per_step']:.2f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(stats)
+            self._after_step(stats)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_state()
+                self.export("last")
+        bar.close()
+
+
+class Trainer(TrainerBase):
+    """The segmenter's ICL trainer; ``run()`` trains to ``config.steps``."""
+
+    def __init__(self, config: TrainConfig, sources=None, on_progress: Optional[Callable[[Dict], None]] = None):
+        super().__init__(config)
         self.sources = sources if sources is not None else sources_from_config(config)
         self.loss_fn = LOSSES.get(config.loss.name)
         if self.loss_fn is None:
@@ -329,51 +417,21 @@ class Trainer:
         else:
             groups = [{"params": backbone, "lr": config.lr * config.backbone_lr_mult}, {"params": rest, "lr": config.lr}]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.use_amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.step = 0
         self.best_metric = math.inf
         self.history: List[Dict[str, float]] = []
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        self._resume()
+        self._begin(config_to_dict(config))
 
-    def _lr_factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.config.warmup_steps))
-        progress = min(1.0, step / max(1, self.config.steps))
-        return warm * 0.5 * (1 + math.cos(math.pi * progress))
+    def _state(self) -> Dict[str, Any]:
+        return {"model": self.net.state_dict(), "scaler": self.scaler.state_dict(),
+                "best_metric": self.best_metric, "history": json.dumps(self.history)}
 
-    # --- checkpoints ---
-    @property
-    def state_path(self) -> Path:
-        return self.out_dir / "last.pt"
-
-    def _resume(self) -> None:
-        if not self.state_path.exists():
-            return
-        state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+    def _load_state(self, state: Dict[str, Any]) -> None:
         self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
         self.best_metric = float(state["best_metric"])
         self.history = json.loads(state["history"])
-        log.info("resumed from %s at step %d", self.state_path, self.step)
-
-    def save_state(self) -> None:
-        state = {
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "best_metric": self.best_metric,
-            "history": json.dumps(self.history),
-        }
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
 
     def export(self, name: str, metrics: Optional[Dict] = None) -> Path:
         meta = {
@@ -449,55 +507,41 @@ class Trainer:
         set_train_mode(self.net, self.config.freeze_backbone)
         return result.summary()
 
-    def run(self) -> Dict[str, Any]:
-        from tqdm import tqdm
-
+    def _after_step(self, stats: Dict[str, Any]) -> None:
         cfg = self.config
-        log_path = self.out_dir / "log.jsonl"
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            stats = self.train_step()
-            stats["sec_per_step"] = time.perf_counter() - t0
-            stats["step"] = self.step
-            stats["lr"] = self.scheduler.get_last_lr()[-1]
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", iou=f"{stats['iou']:.3f}", s=f"{stats['sec_per_step']:.2f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-            if self.on_progress:
-                self.on_progress(stats)
-            val_due = cfg.validation.spec and (self.step % cfg.validation.every == 0 or self.step == cfg.steps)
-            if val_due:
-                summary = self.validate()
-                metric = summary["noc@90"]
-                self.history.append({"step": self.step, **summary})
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": self.step, "validation": summary}) + "\n")
-                if metric <= self.best_metric:
-                    self.best_metric = metric
-                    self.export("best", {"validation": summary, "validation_spec": cfg.validation.spec})
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_state()
-                self.export("last")
-        bar.close()
+        if self.on_progress:
+            self.on_progress(stats)
+        if cfg.validation.spec and (self.step % cfg.validation.every == 0 or self.step == cfg.steps):
+            summary = self.validate()
+            self.history.append({"step": self.step, **summary})
+            self._log({"step": self.step, "validation": summary})
+            if summary["noc@90"] <= self.best_metric:
+                self.best_metric = summary["noc@90"]
+                self.export("best", {"validation": summary, "validation_spec": cfg.validation.spec})
+
+    def run(self) -> Dict[str, Any]:
+        self.run_steps()
         return {"step": self.step, "best_noc90": self.best_metric, "history": self.history}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def command_line(argv: Optional[Sequence[str]], description: str, config_cls: type, trainer_cls: type) -> None:
+    """``--config FILE --set key=value ...``: build the trainer of ``config_cls``, run it, print its summary."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted, value parsed as YAML); repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, args.set, cls=config_cls)
     except ValueError as exc:
         parser.error(str(exc))
-    result = Trainer(config).run()
+    result = trainer_cls(config).run()
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    command_line(argv, __doc__.split("\n")[0], TrainConfig, Trainer)
 
 
 if __name__ == "__main__":

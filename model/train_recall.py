@@ -9,12 +9,7 @@ prediction back. The result is a full checkpoint (segmenter + recall) in ``out_d
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from scipy import ndimage
 
-from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .clicks import IGNORE_VALUE, Click, encode_click_maps
 from .data import bsds500_refs
 from .effnet_lite import imagenet_state_dict
@@ -34,7 +28,7 @@ from .losses import LOSSES
 from .recall import RECALL_CLICK_RADIUS
 from .registry import create_model
 from .scenes import IGNORE_INSTANCE, Scene, SyntheticScenes, WgisdScenes
-from .train import _build_dataclass, _set_dotted, next_click_from_errors
+from .train import TrainerBase, command_line, load_config, next_click_from_errors
 
 log = logging.getLogger("model.train_recall")
 
@@ -70,17 +64,7 @@ class RecallTrainConfig:
 
 
 def load_recall_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RecallTrainConfig:
-    data: Dict[str, Any] = {}
-    if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the config must be a mapping")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r} must look like key=value")
-        _set_dotted(data, key, yaml.safe_load(value))
-    return _build_dataclass(RecallTrainConfig, data)
+    return load_config(path, overrides, cls=RecallTrainConfig)
 
 
 # --- samples -------------------------------------------------------------------------------------
@@ -134,19 +118,18 @@ def sample_from_scene(scene: Scene, rng: np.random.Generator) -> RecallSample:
 # --- trainer -------------------------------------------------------------------------------------
 
 
-class RecallTrainer:
+class RecallTrainer(TrainerBase):
+    """The recall branch's ICL trainer (the segmenter frozen); ``run()`` trains to ``config.steps``."""
+
+    progress_name = "recall"
+
     def __init__(self, config: RecallTrainConfig, scene_sources=None):
-        self.config = config
-        self.device = resolve_device(config.device)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        super().__init__(config)
         if config.max_rounds < 1 or len(config.beta) < config.max_rounds:
             raise ValueError(f"beta needs max_rounds={config.max_rounds} weights, got {config.beta}")
         self.loss_fn = LOSSES.get(config.loss)
         if self.loss_fn is None:
             raise ValueError(f"unknown loss {config.loss!r}; known: {', '.join(LOSSES)}")
-        self.out_dir = Path(config.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.net = self._build_network().to(self.device)
         self.recall = self.net.recall
         frozen = {id(p) for m in self.recall.backbone_modules() for p in m.parameters()}
@@ -154,11 +137,8 @@ class RecallTrainer:
             p.requires_grad_(id(p) not in frozen and any(p is q for q in self.recall.parameters()))
         trainable = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.sources = scene_sources if scene_sources is not None else self._scene_sources()
-        self.step = 0
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(vars(config), sort_keys=False))
-        self._resume()
+        self._begin(vars(config))
 
     def _build_network(self) -> nn.Module:
         """The ``init`` segmenter with a freshly initialised recall branch (ImageNet backbone)."""
@@ -206,30 +186,11 @@ class RecallTrainer:
             raise ValueError("no training scenes: set wgisd and/or bsds500")
         return sources
 
-    def _lr_factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.config.warmup_steps))
-        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, self.config.steps))))
+    def _state(self) -> Dict[str, Any]:
+        return {"recall": self.recall.state_dict()}
 
-    @property
-    def state_path(self) -> Path:
-        return self.out_dir / "last.pt"
-
-    def _resume(self) -> None:
-        if not self.state_path.exists():
-            return
-        state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+    def _load_state(self, state: Dict[str, Any]) -> None:
         self.recall.load_state_dict(state["recall"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        log.info("resumed from %s at step %d", self.state_path, self.step)
-
-    def save_state(self) -> None:
-        state = {"recall": self.recall.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "step": self.step}
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
 
     def export(self, name: str = "last") -> Path:
         meta = dict(self.net.checkpoint_meta)
@@ -300,39 +261,13 @@ class RecallTrainer:
         return {"loss": float(total.detach()), "iou": float(iou), "rounds": rounds}
 
     def run(self) -> Dict[str, Any]:
-        from tqdm import tqdm
-
-        cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="recall", dynamic_ncols=True, disable=None)
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            stats = self.train_step()
-            stats.update(sec_per_step=time.perf_counter() - t0, step=self.step, lr=self.scheduler.get_last_lr()[-1])
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", iou=f"{stats['iou']:.3f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                with open(self.out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_state()
-                self.export("last")
-        bar.close()
+        self.run_steps()
         self.export("last")  # also re-attaches a finished branch to a new ``init`` segmenter
         return {"step": self.step, "checkpoint": str(self.out_dir / "last.safetensors")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (value parsed as YAML); repeatable")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_recall_config(args.config, args.set)
-    except ValueError as exc:
-        parser.error(str(exc))
-    print(json.dumps(RecallTrainer(config).run()))
+    command_line(argv, __doc__.split("\n")[0], RecallTrainConfig, RecallTrainer)
 
 
 if __name__ == "__main__":

@@ -61,5 +61,10 @@ def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path, small_net):
     state = load_file(str(path))
     state["laterals.0.weight"] = torch.zeros(3, 3, 1, 1)
     save_file(state, str(path), metadata=header)
-    with pytest.raises(ValueError, match="wrong shapes"):
+    with pytest.raises(ValueError, match="does not match architecture 'effnet-lite'.*size mismatch for laterals.0.weight"):
+        load_checkpoint(path)
+    del state["laterals.0.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(path), metadata=header)
+    with pytest.raises(ValueError, match=r'Missing key\(s\).*"laterals.0.weight".*Unexpected key\(s\).*"extra.weight"'):
         load_checkpoint(path)

@@ -6,3 +6,7 @@ Public entry points:
 - ``model.predictor.ClickSegPredictor``: clicks -> probability map, with CFR.
 - ``python -m model.evaluate`` / ``python -m model.benchmark`` / ``python -m model.train``.
 """
+
+# The architectures register themselves when imported (timm's way): importing any part of the
+# package fills the registry, and ``registry`` itself imports no architecture.
+from . import effnet_lite, plainvit  # noqa: E402,F401

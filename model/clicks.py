@@ -62,7 +62,7 @@ def encode_click_maps(
     return maps
 
 
-def _padded_distance(mask: np.ndarray) -> np.ndarray:
+def padded_distance(mask: np.ndarray) -> np.ndarray:
     """Distance to the nearest non-mask pixel, with the image border counted as boundary."""
     return distance_transform_edt(np.pad(mask, 1, mode="constant"))[1:-1, 1:-1]
 
@@ -91,8 +91,8 @@ class Clicker:
         pred = np.zeros_like(self.gt) if pred is None else np.asarray(pred, dtype=bool)
         fn = self.gt & ~pred & self.not_ignore
         fp = ~self.gt & pred & self.not_ignore
-        fn_dt = _padded_distance(fn)
-        fp_dt = _padded_distance(fp)
+        fn_dt = padded_distance(fn)
+        fp_dt = padded_distance(fp)
         fn_max, fp_max = fn_dt.max(), fp_dt.max()
         is_positive = fn_max > fp_max
         dt, dmax = (fn_dt, fn_max) if is_positive else (fp_dt, fp_max)

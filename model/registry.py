@@ -1,5 +1,7 @@
 """Architecture registry: one name -> one builder, configuration is data.
 
+The architectures (``effnet_lite``, ``plainvit``) register themselves when ``model`` is imported.
+
     @register_model("effnet-lite", defaults={"input_size": 320, ...})
     def build(config): ...
 
@@ -35,19 +37,12 @@ def register_model(name: str, defaults: Mapping[str, Any]):
     return wrap
 
 
-def _ensure_builtin_models_registered() -> None:
-    # Importing the modules runs their @register_model decorators.
-    from . import effnet_lite, plainvit  # noqa: F401
-
-
 def list_models() -> list[str]:
-    _ensure_builtin_models_registered()
     return sorted(_REGISTRY)
 
 
 def resolve_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Defaults of ``name`` updated with ``config``; unknown keys raise ValueError."""
-    _ensure_builtin_models_registered()
     if name not in _REGISTRY:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     entry = _REGISTRY[name]

@@ -27,11 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from scipy.ndimage import distance_transform_edt
 
 from .augment import AugmentConfig, color_jitter, object_crop, suem_copy_paste
 from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
-from .clicks import IGNORE_VALUE, MASK_THRESHOLD, Click, encode_click_maps
+from .clicks import IGNORE_VALUE, MASK_THRESHOLD, Click, encode_click_maps, padded_distance
 from .data import ObjectRef, ObjectSample, parse_dataset_spec
 from .losses import LOSSES
 from .registry import create_model
@@ -181,20 +180,16 @@ def sources_from_config(config: TrainConfig) -> List[Tuple[ObjectSource, float]]
 
 # --- click simulation -------------------------------------------------------------------------
 
-def _padded_dt(mask: np.ndarray) -> np.ndarray:
-    return distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-
-
 def sample_initial_clicks(gt: np.ndarray, rng: np.random.Generator, cfg: ClickConfig) -> List[Click]:
     """Random positive clicks inside the object (away from its edge) and negatives near it."""
     obj = gt == 1
-    dt = _padded_dt(obj)
+    dt = padded_distance(obj)
     inner = dt >= max(1.0, 0.2 * dt.max())
     n_pos = 1 + int(rng.choice(cfg.max_initial_positive, p=_decaying(cfg.max_initial_positive)))
     n_neg = int(rng.choice(cfg.max_initial_negative + 1, p=_decaying(cfg.max_initial_negative + 1)))
     clicks = [Click(float(y), float(x), True) for y, x in _pick(inner, n_pos, rng)]
     background = (gt == 0)
-    near = background & (_padded_dt(~obj) <= 0.3 * gt.shape[0])
+    near = background & (padded_distance(~obj) <= 0.3 * gt.shape[0])
     clicks += [Click(float(y), float(x), False) for y, x in _pick(near if near.any() else background, n_neg, rng)]
     return clicks
 
@@ -219,7 +214,7 @@ def next_click_from_errors(pred: np.ndarray, gt: np.ndarray, rng: np.random.Gene
     region, positive = (fn, True) if fn.sum() >= fp.sum() else (fp, False)
     if not region.any():
         return None
-    dt = _padded_dt(region)
+    dt = padded_distance(region)
     y, x = _pick(dt > dt.max() / 2, 1, rng)[0] if (dt > dt.max() / 2).any() else np.argwhere(dt == dt.max())[0]
     return Click(float(y), float(x), positive)
 

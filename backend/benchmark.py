@@ -1,7 +1,7 @@
 """End-to-end latency of the click that triggers exemplar recall, as Label Studio sees it.
 
 Times ``POST /predict`` through the WSGI app (payload parsing, session, model, RLE, JSON) on
-the synthetic scene of ``model.benchmark`` (like blobs on a textured background), for the first
+the synthetic scene of ``model.evaluation.benchmark`` (like blobs on a textured background), for the first
 click on blob 2 of a task:
 
 - without an accepted region of the label (the object's region alone);
@@ -33,10 +33,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from model.benchmark import RECALL_SCENE_OBJECTS, machine_info, parse_sizes, synthetic_scene
+from model.evaluation.benchmark import RECALL_SCENE_OBJECTS, machine_info, parse_sizes, synthetic_scene
 
+from .app import create_app
+from .config import Settings
 from .rle import mask_to_rle
+from .service import ClickSegModel
 
 IMAGE_URL = "/data/upload/1/benchmark.png"
 PROJECT = "1.1795419391"  # /predict's "id.timestamp"
@@ -94,10 +98,6 @@ class EndToEndRow:
 
 def _serving(image: np.ndarray, model_dir: str, checkpoint: Optional[str], **env: str):
     """(settings, service, test client) of the WSGI app serving ``image`` for every task URL."""
-    from .app import create_app
-    from .config import Settings
-    from .service import ClickSegModel
-
     env = {"MODEL_DIR": model_dir, "LOG_LEVEL": "WARNING", **env}
     if checkpoint:
         env["CHECKPOINT"] = checkpoint
@@ -207,8 +207,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("--repeats and --threads must be >= 1")
-    import torch
-
     torch.set_num_threads(args.threads)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine_info().items()))
     if args.memory_tasks < 0:

@@ -46,18 +46,18 @@ from typing import Dict, List, Optional, Protocol, Sequence, Set, Tuple
 import numpy as np
 from scipy import ndimage
 
-from model.clicks import Click
-from model.predictor import MASK_THRESHOLD
+from model.boxes import Box, BoxMask
+from model.clicks import MASK_THRESHOLD, Click
+from model.transforms import continuous_to_click
 
 from .exemplars import Exemplar
 from .payload import Prompt
-from .proposals import BoxMask, ObjectProposals
+from .proposals import ObjectProposals
 from .rle import rle_to_mask
 
 log = logging.getLogger(__name__)
 
 GroupKey = Tuple[str, Optional[str]]  # (Image tag name, label)
-PixelBox = Tuple[int, int, int, int]  # half-open (y0, y1, x0, x1)
 
 MAX_REPLAYED_PROMPTS = 8  # model calls per request at most (plus one), however many prompts must be replayed
 SAME_OBJECT_OVERLAP = 0.5  # share of the smaller mask that must overlap to count as the same object
@@ -72,7 +72,7 @@ class TrackedObject:
     result_id: str
     clicks: List[Click]
     prob: Optional[np.ndarray]  # float32 (H, W); None only while a capped replay defers its model call
-    crop: Optional[PixelBox] = None  # box prompts: the mask is zero outside this box
+    crop: Optional[Box] = None  # box prompts: the mask is zero outside this box
     _mask: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
     _mask_of: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
 
@@ -123,33 +123,16 @@ def anchor_point(prompt: Prompt, height: int, width: int) -> Tuple[float, float]
     return float(cx), float(cy)
 
 
-PIXEL_CENTRE_SNAP = 1e-6  # percent coordinates lose ~1e-13 of a pixel on the way through Label Studio
-
-
-def to_click(x: float, y: float, height: int, width: int, is_positive: bool) -> Click:
-    """Click at continuous coordinates (pixel i spans [i, i+1)) in the predictor's pixel-centre convention.
-
-    A click within ``PIXEL_CENTRE_SNAP`` of a pixel centre is put on it, so the model sees the
-    same click as for that pixel (float noise can move a zoom-in box edge by a pixel).
-    """
-    def centred(value: float, size: int) -> float:
-        value = float(np.clip(value - 0.5, 0, size - 1))
-        nearest = round(value)
-        return float(nearest) if abs(value - nearest) < PIXEL_CENTRE_SNAP else value
-
-    return Click(centred(y, height), centred(x, width), is_positive)
-
-
-def box_prompt_clicks(prompt: Prompt, height: int, width: int) -> Tuple[List[Click], PixelBox]:
+def box_prompt_clicks(prompt: Prompt, height: int, width: int) -> Tuple[List[Click], Box]:
     """A box's clicks (positive centre, negatives outside the corners) and its pixel crop."""
     corners = box_corners(prompt, height, width)
     (left, top), (right, bottom) = corners.min(axis=0), corners.max(axis=0)
     cx, cy = (left + right) / 2, (top + bottom) / 2
     margin = max(2.0, BOX_NEGATIVE_MARGIN * max(right - left, bottom - top))
-    clicks = [to_click(cx, cy, height, width, True)]
+    clicks = [continuous_to_click(cx, cy, height, width, True)]
     for x in (left - margin, right + margin):
         for y in (top - margin, bottom + margin):
-            clicks.append(to_click(x, y, height, width, False))
+            clicks.append(continuous_to_click(x, y, height, width, False))
     crop = (
         int(np.clip(math.floor(top), 0, height - 1)),
         int(np.clip(math.ceil(bottom), 1, height)),
@@ -159,12 +142,12 @@ def box_prompt_clicks(prompt: Prompt, height: int, width: int) -> Tuple[List[Cli
     return clicks, crop
 
 
-def grow_crop(crop: PixelBox, click: Click) -> PixelBox:
+def grow_crop(crop: Box, click: Click) -> Box:
     y, x = int(round(click.y)), int(round(click.x))
     return min(crop[0], y), max(crop[1], y + 1), min(crop[2], x), max(crop[3], x + 1)
 
 
-def apply_crop(prob: np.ndarray, crop: Optional[PixelBox]) -> np.ndarray:
+def apply_crop(prob: np.ndarray, crop: Optional[Box]) -> np.ndarray:
     if crop is None:
         return prob
     y0, y1, x0, x1 = crop
@@ -351,7 +334,7 @@ class ObjectTracker:
         if prompt.kind == "rectangle":
             clicks, crop = box_prompt_clicks(prompt, self.height, self.width)
             return self._start(index, prompt, clicks, crop, history)
-        click = to_click(*anchor_point(prompt, self.height, self.width), self.height, self.width, prompt.is_positive)
+        click = continuous_to_click(*anchor_point(prompt, self.height, self.width), self.height, self.width, prompt.is_positive)
         if current is None:
             return self._start(index, prompt, [click], None, history)
         return self._refine(current, click)
@@ -360,7 +343,7 @@ class ObjectTracker:
         """Rule 3: the first prompt of a request after the editor deleted all earlier ones (Auto-Accept on)."""
         if prompt.kind == "rectangle":
             return self._apply(0, prompt, None, history)
-        click = to_click(*anchor_point(prompt, self.height, self.width), self.height, self.width, prompt.is_positive)
+        click = continuous_to_click(*anchor_point(prompt, self.height, self.width), self.height, self.width, prompt.is_positive)
         mask = carried.mask
         if click.is_positive and mask.any() and not mask[int(round(click.y)), int(round(click.x))]:
             alone = self._run([click], None)
@@ -370,7 +353,7 @@ class ObjectTracker:
         history.starts.append(0)
         return self._refine(carried, click)
 
-    def _start(self, index: int, prompt: Prompt, clicks: List[Click], crop: Optional[PixelBox],
+    def _start(self, index: int, prompt: Prompt, clicks: List[Click], crop: Optional[Box],
                history: ClickHistory, prob: Optional[np.ndarray] = None) -> TrackedObject:
         history.starts.append(index)
         if prob is None and not self._deferring:

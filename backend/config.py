@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from model.predictor import DEFAULT_CHECKPOINT
-from model.recall import PROPOSAL_MIN_SCORE
+from model.proposals import PROPOSAL_MIN_SCORE
 
 from .images import ImageAccessSettings
 

@@ -1,11 +1,11 @@
 """The standard evaluation played through Label Studio's protocol: what an annotator gets from ``/predict``.
 
-The clicker of ``model.evaluate`` (first click on the object's interior-most pixel, each next one
+The clicker of ``model.evaluation.evaluate`` (first click on the object's interior-most pixel, each next one
 on the centre of the larger error region of the *returned brush mask*) sends every click to
 ``POST /predict`` exactly as Label Studio 1.23.2's editor does with Auto-Accept off: all smart
 keypoints of the object so far, in percent of the image, with ``is_positive``; no saved masks.
 The answer's brush RLE is decoded and compared with the ground truth. Same dataset specs, table,
-JSON and plot as ``model.evaluate``, so the two tables can be compared row by row.
+JSON and plot as ``model.evaluation.evaluate``, so the two tables can be compared row by row.
 
 ``--multi-object`` plays scenes instead: on each image with at least three objects, object 1 is
 clicked until IoU >= ``--accept-iou`` (or ``--max-clicks``), then accepted the way the editor
@@ -31,12 +31,18 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import requests
 from PIL import Image
 
-from model.clicks import Click, Clicker, iou
-from model.evaluate import BASELINES, EvalResult, ObjectResult, baseline_run, load_run, report
+from model.clicks import Click
+from model.data import open_objects
+from model.evaluation.evaluate import BASELINES, EvalResult, ObjectResult, baseline_run, load_run, report
+from model.evaluation.protocol import Clicker, iou
 
+from .app import create_app
+from .config import Settings
 from .rle import rle_to_mask
+from .service import ClickSegModel
 
 PROJECT = "1.1795419391"  # /predict's "id.timestamp" form
 LABEL = "Object"
@@ -127,12 +133,12 @@ class ObjectSession:
 def evaluate_through_protocol(post: Post, objects: Sequence[Any], image_url: Callable[[Any], str],
                               max_clicks: int = 20, stop_at_iou: Optional[float] = None,
                               progress: bool = False) -> EvalResult:
-    """``model.evaluate.evaluate_objects`` through ``/predict``: one task per object, so each starts clean."""
+    """``model.evaluation.evaluate.evaluate_objects`` through ``/predict``: one task per object, so each starts clean."""
     if not objects:
         raise ValueError("evaluate_through_protocol: no objects to evaluate")
     results = []
     for index, sample in enumerate(objects, start=1):
-        gt = np.asarray(sample.mask)  # 1 object, 0 background, 128 ignored (as model.evaluate)
+        gt = np.asarray(sample.mask)  # 1 object, 0 background, 128 ignored (as model.evaluation.evaluate)
         session = ObjectSession(post, index, image_url(sample), gt, f"o{index}")
         for _ in range(max_clicks):
             if session.click() >= (stop_at_iou if stop_at_iou is not None else 2.0):
@@ -157,7 +163,7 @@ def evaluate_scenes(post: Post, objects: Sequence[Any], image_url: Callable[[Any
     for task_id, scene in enumerate(scenes_played, start=1):
         accepted: List[Dict[str, Any]] = []  # the draft's brush regions
         for k, sample in enumerate(scene[:per_scene], start=1):
-            gt = np.asarray(sample.mask)  # 1 object, 0 background, 128 ignored (as model.evaluate)
+            gt = np.asarray(sample.mask)  # 1 object, 0 background, 128 ignored (as model.evaluation.evaluate)
             session = ObjectSession(post, task_id, image_url(sample), gt, f"t{task_id}o{k}")
             for _ in range(max_clicks):
                 if session.click(drafts=accepted) >= accept_iou:
@@ -191,10 +197,6 @@ class MemoryFetcher:
 
 def wsgi_target(env: Mapping[str, str]) -> Tuple[Post, Callable[[Any], str]]:
     """An in-process backend (``create_app``) configured by ``env``; images served from memory."""
-    from .app import create_app
-    from .config import Settings
-    from .service import ClickSegModel
-
     settings = Settings.from_env(dict(env))
     fetcher = MemoryFetcher()
     client = create_app(settings, ClickSegModel(settings, fetcher=fetcher)).test_client()
@@ -218,8 +220,6 @@ def wsgi_target(env: Mapping[str, str]) -> Tuple[Post, Callable[[Any], str]]:
 
 def url_target(backend_url: str, local_files_root: Path, auth: Optional[Tuple[str, str]]) -> Tuple[Post, Callable[[Any], str]]:
     """A running backend; images written as PNG under its LOCAL_FILES_DOCUMENT_ROOT."""
-    import requests
-
     http = requests.Session()
     http.auth = auth
     written: Dict[int, str] = {}
@@ -247,11 +247,11 @@ def url_target(backend_url: str, local_files_root: Path, auth: Optional[Tuple[st
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, help="as model.evaluate: bsds500:<root>[:val], wgisd:<root>, folder:<root>")
-    p.add_argument("--max-objects", type=int, default=None, help="the same fixed random sample as model.evaluate")
+    p.add_argument("--dataset", required=True, help="as model.evaluation.evaluate: bsds500:<root>[:val], wgisd:<root>, folder:<root>")
+    p.add_argument("--max-objects", type=int, default=None, help="the same fixed random sample as model.evaluation.evaluate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-clicks", type=int, default=20)
-    p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluate")
+    p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluation.evaluate")
     p.add_argument("--checkpoint", default=None, help="CHECKPOINT of the in-process backend (default: the embedded one)")
     p.add_argument("--cfr-steps", type=int, default=None, help="CFR_STEPS of the in-process backend")
     p.add_argument("--backend-url", default=None, help="evaluate a running backend instead of the in-process one")
@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-iou", type=float, default=0.9, help="with --multi-object: IoU at which an object is accepted")
     p.add_argument("--label", default=None)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--compare", nargs="*", default=[], help="evaluation JSONs (e.g. model.evaluate's) to show beside")
+    p.add_argument("--compare", nargs="*", default=[], help="evaluation JSONs (e.g. model.evaluation.evaluate's) to show beside")
     p.add_argument("--baseline", choices=sorted(BASELINES), default=None,
-                   help="as model.evaluate: the classical baseline on the same objects (cached in --out-dir)")
+                   help="as model.evaluation.evaluate: the classical baseline on the same objects (cached in --out-dir)")
     return p
 
 
@@ -278,8 +278,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.baseline and args.multi_object:
         raise SystemExit("--baseline plays single objects; it does not apply to --multi-object")
     compare = [load_run(p) for p in args.compare]
-
-    from model.data import open_objects
 
     objects = open_objects(args.dataset, max_objects=args.max_objects, seed=args.seed)
     if not objects:
@@ -321,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def agreement(summary: Mapping[str, Any], run: Any) -> str:
-    """How this run's numbers agree with a compared run's (e.g. ``model.evaluate`` on the same objects)."""
+    """How this run's numbers agree with a compared run's (e.g. ``model.evaluation.evaluate`` on the same objects)."""
     ours, theirs = np.asarray(summary["miou_curve"]), np.asarray(run.summary["miou_curve"])
     k = min(len(ours), len(theirs))
     noc = all(summary[f"noc@{t}"] == run.summary[f"noc@{t}"] for t in (85, 90, 95))

@@ -13,8 +13,8 @@ runs the same jobs.
    brush region of every annotation that was not cancelled is one object; images come through
    ``ImageFetcher``, the code ``/predict`` uses. Skipped items are listed with their reason.
 2. Hold out a slice of the tasks (FIT_HOLDOUT_FRACTION) and evaluate the served model on it
-   (``model.evaluate.evaluate_objects``: the standard clicker, NoC@85/90).
-3. Fine-tune the served checkpoint on the rest with the ICL trainer (``model.train.Trainer``):
+   (``model.evaluation.evaluate.evaluate_objects``: the standard clicker, NoC@85/90).
+3. Fine-tune the served checkpoint on the rest with the ICL trainer (``model.training.train.Trainer``):
    FIT_STEPS steps, FIT_LR, FIT_BATCH_SIZE, augmentations on, FIT_FREEZE_BACKBONE.
 4. Evaluate the new model on the same slice; write ``MODEL_DIR/<project>/p<project>-v<n>/``
    (built in a ``.tmp-`` directory, renamed when complete) and promote it (``current.json``)
@@ -44,22 +44,28 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from rq import Queue, SimpleWorker
+
+from model.checkpoint import read_header, resolve_device, save_checkpoint
+from model.data import ObjectSample
+from model.evaluation.evaluate import evaluate_objects
+from model.predictor import ClickSegPredictor
+from model.training.train import ObjectSource, TrainConfig, Trainer
 
 from .config import Settings
 from .errors import BackendError, ImageAccessError
 from .exemplars import Exemplar, entry_regions, project_key
 from .images import ImageFetcher
+from .job_state import (FAILED, PACKAGE_ROOT, REJECTED, RUNNING, SUCCEEDED, JobLock, JobRecords, ProjectLock,
+                        ProjectPaths, new_job_id, now_iso, promote, served_checkpoint, write_json_atomic)
 from .labelstudio_api import LabelStudioApiError, ProjectExport, fetch_project
 from .logging_setup import configure_logging
 from .payload import parse_label_config
-from .rle import rle_to_mask
 from .redis_state import RedisJobRecords, connect, redacted
-from .training_jobs import (
-    FAILED, PACKAGE_ROOT, REJECTED, RUNNING, SUCCEEDED, JobLock, JobRecords, ProjectLock, ProjectPaths, job_records,
-    new_job_id, now_iso, promote, served_checkpoint, write_json_atomic,
-)
+from .rle import rle_to_mask
+from .training_jobs import job_records
 
 log = logging.getLogger("backend.fit_worker")
 
@@ -127,8 +133,6 @@ def objects_from_tasks(export: ProjectExport, fetcher: ImageFetcher, max_side: i
 
     Objects of one task share one image array (the evaluation then encodes it once).
     """
-    from model.data import ObjectSample
-
     found = TrainingData()
     found.counts["tasks_listed"] = export.tasks_seen
     try:
@@ -260,9 +264,6 @@ class StatusWriter:
 
 def evaluate_checkpoint(path: Path, objects: Sequence[Any], settings: Settings, device: str) -> Dict[str, Any]:
     """NoC@85/90, NoF and mIoU of the checkpoint on ``objects`` with the standard clicker."""
-    from model.evaluate import evaluate_objects
-    from model.predictor import ClickSegPredictor
-
     started = time.perf_counter()
     predictor = ClickSegPredictor.from_checkpoint(path, device=device, cfr_steps=settings.cfr_steps)
     summary = evaluate_objects(predictor, objects, max_clicks=settings.fit.eval_max_clicks,
@@ -303,9 +304,6 @@ def fit_settings_dict(settings: Settings) -> Dict[str, Any]:
 
 def run_job(settings: Settings, project: str, status: StatusWriter, setup_token: Optional[str] = None) -> Dict[str, Any]:
     """The whole job (see the module docstring); returns the final status. Raises on failure."""
-    from model.checkpoint import read_header, resolve_device, save_checkpoint
-    from model.train import ObjectSource, Trainer, TrainConfig
-
     fit = settings.fit
     paths = ProjectPaths(settings.model_dir, project)
     device = str(resolve_device(settings.device))
@@ -483,8 +481,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths.clean_partial_files()  # what an interrupted job left; only the lock's holder may
     if settings.fit.nice:
         os.nice(settings.fit.nice)  # serving keeps the CPU first
-    import torch
-
     torch.set_num_threads(settings.fit.threads)
     signal.signal(signal.SIGTERM, _stop)
     job_id = args.job_id or new_job_id()

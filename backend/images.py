@@ -383,10 +383,6 @@ class ImageFetcher:
         data, content_type = self._fetch(url, task_id, project_id)
         return decode_image(data, url, content_type, self.settings.max_image_pixels)
 
-    def fetch_bytes(self, url: str, task_id: Any = None, project_id: Any = None) -> bytes:
-        """The raw bytes at a task URL (same rules and limits as `fetch`, without decoding)."""
-        return self._fetch(url, task_id, project_id)[0]
-
     # --- routing -------------------------------------------------------------------------
 
     def _fetch(self, url: str, task_id: Any, project_id: Any) -> tuple[bytes, str | None]:

@@ -32,6 +32,7 @@ import numpy as np
 from model.boxes import Box
 from model.clicks import Click
 from model.predictor import ClickSegPredictor, ImageState
+from model.proposals import propose
 
 from .click_selection import ClickHistory, ObjectTracker, RegionMasks, TrackedObject
 from .config import Settings
@@ -45,7 +46,7 @@ from .sessions import SessionKey, SessionStore, TaskSession
 
 log = logging.getLogger(__name__)
 
-Proposal = Tuple[str, np.ndarray, Box, float]  # (region id, mask inside the box, box, score)
+ProposedRegion = Tuple[str, np.ndarray, Box, float]  # (region id, mask inside the box, box, score)
 
 
 def normalized_project(project: Any) -> Optional[str]:
@@ -107,7 +108,7 @@ class ImageModel:
     def propose(self, exemplar: np.ndarray, obj: TrackedObject, exclude: np.ndarray, settings: Settings) -> List:
         """The recall head's proposals for ``obj`` like ``exemplar`` (bool (H, W) each)."""
         return self._model_thread.run(
-            self.predictor.propose, self.state, exemplar, obj.clicks, obj.prob, exclude=exclude,
+            propose, self.predictor, self.state, exemplar, obj.clicks, obj.prob, exclude=exclude,
             min_score=settings.recall_min_score, min_area=settings.recall_min_area,
             max_proposals=settings.recall_max_proposals)
 
@@ -163,7 +164,7 @@ class InteractivePipeline:
                 session.histories.pop(group, None)  # never keep a half-applied history
                 raise
             decoded = RegionMasks(accepted_regions, (state.height, state.width), history.region_masks)  # shares saved's masks
-            proposals: List[Proposal] = []
+            proposals: List[ProposedRegion] = []
             recall_ms = 0.0
             if recall_on:
                 recall_started = time.perf_counter()
@@ -209,7 +210,7 @@ class InteractivePipeline:
     # --- exemplar recall ---------------------------------------------------------------------------
 
     def _proposals(self, image_model: ImageModel, history: ClickHistory, obj: TrackedObject, decoded: RegionMasks,
-                   request: InteractiveRequest, exemplars: Optional[ExemplarStore]) -> List[Proposal]:
+                   request: InteractiveRequest, exemplars: Optional[ExemplarStore]) -> List[ProposedRegion]:
         """The current object's proposals (call under the session lock).
 
         Computed on the object's first click when the task has accepted regions of the label,

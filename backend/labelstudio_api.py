@@ -68,14 +68,14 @@ def _detail(exc: Exception) -> str:
 
 
 def _client(base_url: str, key: str):
-    from label_studio_sdk.client import LabelStudio
+    from label_studio_sdk.client import LabelStudio  # about 1 s to import; only fine-tuning talks to the API
 
     return LabelStudio(base_url=base_url, api_key=key, timeout=REQUEST_OPTIONS["timeout"])
 
 
 def fetch_project(settings: ImageAccessSettings, project_id: int, setup_token: Optional[str] = None) -> ProjectExport:
     """The project's label config and every task that has annotations (annotations as dicts)."""
-    from label_studio_sdk.core.api_error import ApiError
+    from label_studio_sdk.core.api_error import ApiError  # with the client (see _client)
 
     base_url = settings.label_studio_url
     if not base_url:
@@ -104,7 +104,7 @@ def fetch_project(settings: ImageAccessSettings, project_id: int, setup_token: O
 
 
 def _fetch_tasks(client, project_id: int, project, base_url: str) -> ProjectExport:
-    from label_studio_sdk.core.api_error import ApiError
+    from label_studio_sdk.core.api_error import ApiError  # with the client (see _client)
 
     export = ProjectExport(project=project_id, title=str(getattr(project, "title", "") or ""),
                            label_config=str(getattr(project, "label_config", "") or ""))

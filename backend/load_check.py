@@ -35,7 +35,7 @@ from PIL import Image
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from model.benchmark import RECALL_SCENE_OBJECTS, machine_info, parse_sizes, synthetic_scene
+from model.evaluation.benchmark import RECALL_SCENE_OBJECTS, machine_info, parse_sizes, synthetic_scene
 
 from .evaluate import ObjectSession
 

@@ -13,7 +13,7 @@ from typing import FrozenSet, List, Sequence, Set, Tuple
 
 import numpy as np
 
-from model.boxes import Box, bounding_box, box_slices, check_box
+from model.boxes import Box, BoxMask
 
 MAX_COVERED_FRACTION = 0.3  # a cached proposal covered more than this (accepted regions, the object) is dropped
 
@@ -21,58 +21,6 @@ MAX_COVERED_FRACTION = 0.3  # a cached proposal covered more than this (accepted
 def proposal_id(object_id: str, index: int) -> str:
     """Region id of the ``index``-th proposal of an object (stable, so Label Studio replaces it)."""
     return f"{object_id}-r{index}"
-
-
-def pack_mask(mask: np.ndarray) -> np.ndarray:
-    return np.packbits(np.asarray(mask, dtype=bool), axis=None)
-
-
-def unpack_mask(packed: np.ndarray, height: int, width: int) -> np.ndarray:
-    return np.unpackbits(packed, count=height * width).reshape(height, width).astype(bool)
-
-
-@dataclass(frozen=True)
-class BoxMask:
-    """A bool mask of a (height, width) image kept as its box and the bit-packed pixels inside
-    it: keeping, testing and encoding it costs what the object costs, not the image."""
-
-    height: int
-    width: int
-    box: Box
-    packed: np.ndarray
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> "BoxMask":
-        """From a whole (H, W) mask (its bounding box; an empty mask gets an empty box)."""
-        mask = np.asarray(mask, dtype=bool)
-        box = bounding_box(mask) or (0, 0, 0, 0)
-        return cls.from_crop(mask[box_slices(box)], box, mask.shape)
-
-    @classmethod
-    def from_crop(cls, crop: np.ndarray, box: Sequence[int], shape: Sequence[int]) -> "BoxMask":
-        """From the mask inside ``box`` of an image of ``shape`` (H, W)."""
-        height, width = (int(v) for v in shape)
-        return cls(height, width, check_box(box, np.shape(crop), shape), pack_mask(crop))
-
-    @property
-    def slices(self) -> Tuple[slice, slice]:
-        return box_slices(self.box)
-
-    def crop(self) -> np.ndarray:
-        """The bool mask inside ``box``."""
-        y0, y1, x0, x1 = self.box
-        return unpack_mask(self.packed, y1 - y0, x1 - x0)
-
-    def contains(self, row: int, col: int) -> bool:
-        y0, y1, x0, x1 = self.box
-        if not (y0 <= row < y1 and x0 <= col < x1):
-            return False
-        index = (row - y0) * (x1 - x0) + (col - x0)
-        return bool((self.packed[index >> 3] >> (7 - (index & 7))) & 1)
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes
 
 
 @dataclass
@@ -117,9 +65,9 @@ class ObjectProposals:
 
     @classmethod
     def of(cls, result_id: str, start: int, exemplar_ids: Set[str], proposals: Sequence) -> "ObjectProposals":
-        """From ``model.recall.Proposal``s (``.crop`` bool inside ``.box`` of ``.shape``, ``.score``)."""
+        """From ``model.proposals.Proposal``s."""
         return cls(result_id, start, frozenset(exemplar_ids),
-                   [BoxMask.from_crop(p.crop, p.box, p.shape) for p in proposals], [float(p.score) for p in proposals])
+                   [p.region for p in proposals], [float(p.score) for p in proposals])
 
     def belongs_to(self, result_id: str, start: int) -> bool:
         return (self.result_id, self.start) == (result_id, start)

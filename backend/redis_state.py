@@ -33,11 +33,9 @@ from rq import Queue
 
 from . import exemplars as exemplar_module
 from .errors import BackendError
-from .exemplars import (
-    Exemplar, ExemplarStore, Size, StoredSource, StoreError, SyncReport, TaskRegions, checked_size, nothing_to_write,
-    plan_sync, project_key, resolve_sync, store_errors, task_key,
-)
-from .training_jobs import ACTIVE_STATES, FAILED, QUEUED, JobLock, JobRecords, now_iso
+from .exemplars import (Exemplar, ExemplarStore, Size, StoredSource, StoreError, SyncReport, TaskRegions, checked_size,
+                        nothing_to_write, plan_sync, project_key, resolve_sync, store_errors, task_key)
+from .job_state import ACTIVE_STATES, FAILED, QUEUED, JobLock, JobRecords, now_iso
 
 log = logging.getLogger(__name__)
 

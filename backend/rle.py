@@ -16,9 +16,13 @@ Run `python -m backend.rle` for the encode/decode benchmark against the SDK.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
+from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
+from label_studio_sdk.converter.brush import mask2rle
+from PIL import Image
 
 from model.boxes import Box, check_box
 
@@ -249,19 +253,12 @@ def rle_to_mask(rle: Sequence[int] | np.ndarray, height: int, width: int) -> np.
 
 def _benchmark_mask(height: int = 3000, width: int = 4000, seed: int = 0) -> np.ndarray:
     """Random smooth blobs (H, W) bool: thresholded bicubic upsampling of coarse noise."""
-    from PIL import Image
-
     coarse = np.random.default_rng(seed).random((height // 100, width // 100), dtype=np.float32)
     smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((width, height), Image.BICUBIC))
     return smooth > 0.6
 
 
 def _benchmark() -> None:
-    import time
-
-    from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
-    from label_studio_sdk.converter.brush import mask2rle
-
     def best_ms(fn, repeat):
         times = []
         for _ in range(repeat):

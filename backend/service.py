@@ -34,6 +34,7 @@ from .images import ImageFetcher
 from .interactive import InteractivePipeline, InteractiveRequest, normalized_project
 from .model_thread import ModelThread
 from .payload import bad_request, parse_label_config
+from .redis_state import RedisExemplarStore
 from .training_jobs import JobManager, ProjectModels
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,6 @@ class ClickSegModel:
         scale, max_tasks = self.settings.scale, self.settings.exemplar_max_tasks
         try:
             if scale.exemplar_store == "redis":
-                from .redis_state import RedisExemplarStore  # the Redis client only where it is used
-
                 return RedisExemplarStore(scale.redis_url, max_tasks=max_tasks)
             return SQLiteExemplarStore(self.settings.model_dir / "exemplars.sqlite3", max_tasks=max_tasks)
         except (OSError, StoreError) as exc:

@@ -1,12 +1,10 @@
-"""ls-clickseg model package: pure PyTorch click-based segmentation.
+"""ls-clickseg model package: pure PyTorch click-based segmentation (no Flask, no Label Studio).
 
-Public entry points:
-- ``model.registry.create_model`` / ``list_models``: the architecture factory.
-- ``model.checkpoint.save_checkpoint`` / ``load_checkpoint``: self-describing, safe checkpoints.
-- ``model.predictor.ClickSegPredictor``: clicks -> probability map, with CFR.
-- ``python -m model.evaluate`` / ``python -m model.benchmark`` / ``python -m model.train``.
+- ``nets``: the registry and the networks (``nets.registry.create_model``).
+- ``checkpoint``: self-describing, safe checkpoints (``save_checkpoint`` / ``load_checkpoint``).
+- ``predictor``: clicks -> probability map, with CFR and zoom-in; ``proposals``: recall -> proposals.
+- ``transforms``, ``clicks``, ``boxes``, ``data``: coordinates and views, clicks, boxes, datasets.
+- ``training``: ``python -m model.training.train`` (and ``.recall``, ``.pack``, ``.fast_train``).
+- ``evaluation``: ``python -m model.evaluation.evaluate`` (and ``.suite``, ``.benchmark``, ``.evaluate_mois``).
 """
-
-# The architectures register themselves when imported (timm's way): importing any part of the
-# package fills the registry, and ``registry`` itself imports no architecture.
-from . import effnet_lite, plainvit  # noqa: E402,F401
+from . import nets  # noqa: F401  (fills the architecture registry)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .registry import create_model, resolve_config
+from .nets.registry import create_model, resolve_config
 
 FORMAT_VERSION = "ls-clickseg/1"
 

@@ -6,7 +6,7 @@ as in RITM's ``isegm.inference.clicker``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,50 +65,3 @@ def encode_click_maps(
 def padded_distance(mask: np.ndarray) -> np.ndarray:
     """Distance to the nearest non-mask pixel, with the image border counted as boundary."""
     return distance_transform_edt(np.pad(mask, 1, mode="constant"))[1:-1, 1:-1]
-
-
-class Clicker:
-    """Standard evaluation clicker (RITM / SimpleClick / CFR-ICL protocol).
-
-    The first click goes at the object pixel farthest from the object boundary.
-    Each later click goes at the distance-transform maximum of the larger error
-    region: false negatives give a positive click, false positives a negative one.
-    Pixels equal to ``IGNORE_VALUE`` in ``gt`` are excluded.
-    """
-
-    def __init__(self, gt: np.ndarray):
-        gt = np.asarray(gt)
-        if gt.ndim != 2 or gt.size == 0:
-            raise ValueError(f"gt: expected a non-empty 2-D mask, got shape {gt.shape}")
-        self.not_ignore = gt != IGNORE_VALUE
-        self.gt = (gt > 0) & self.not_ignore
-        if not self.gt.any():
-            raise ValueError("gt: the object mask is empty")
-        self.clicks: List[Click] = []
-
-    def make_next_click(self, pred: Optional[np.ndarray] = None) -> Click:
-        """Append and return the next click for the binary prediction ``pred`` (None before the first)."""
-        pred = np.zeros_like(self.gt) if pred is None else np.asarray(pred, dtype=bool)
-        fn = self.gt & ~pred & self.not_ignore
-        fp = ~self.gt & pred & self.not_ignore
-        fn_dt = padded_distance(fn)
-        fp_dt = padded_distance(fp)
-        fn_max, fp_max = fn_dt.max(), fp_dt.max()
-        is_positive = fn_max > fp_max
-        dt, dmax = (fn_dt, fn_max) if is_positive else (fp_dt, fp_max)
-        y, x = np.argwhere(dt == dmax)[0]
-        click = Click(float(y), float(x), bool(is_positive))
-        self.clicks.append(click)
-        return click
-
-
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU of binary ``pred`` against ``gt``, ignoring pixels where ``gt == IGNORE_VALUE``."""
-    gt = np.asarray(gt)
-    valid = gt != IGNORE_VALUE
-    g = (gt > 0) & valid
-    p = np.asarray(pred, dtype=bool) & valid
-    union = np.logical_or(p, g).sum()
-    if union == 0:
-        return 1.0
-    return float(np.logical_and(p, g).sum() / union)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import FakeLabelStudioApi, annotation, brush_annotation, free_port, keypoint, serve, texture_scene
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LS_CLICKSEG_SHARED", REPO.parent / "shared"))
@@ -19,12 +20,6 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent")
     return SHARED
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +71,6 @@ def texture_project():
     """A fake Label Studio API on loopback (``.url``): project 1 with TEXTURED_TASKS tasks of one
     texture class at TEXTURE_SIZE px, each with a brush annotation, then a cancelled annotation, a
     keypoint-only annotation and an unannotated task."""
-    from test_fit_support import FakeLabelStudioApi, brush_annotation, texture_scene
-    from test_server_support import annotation, keypoint, serve
-
     fake = FakeLabelStudioApi()
     fake.add_project()
     for seed in range(TEXTURED_TASKS):

@@ -1,8 +1,8 @@
 import numpy as np
 
-from model.augment import (AugmentConfig, blend_images, blend_object, merge, object_crop, occlude,
-                           paste_object_onto, suem_copy_paste)
 from model.clicks import IGNORE_VALUE
+from model.training.augment import (AugmentConfig, blend_images, blend_object, merge, object_crop, occlude,
+                                    paste_object_onto, suem_copy_paste)
 
 IMG = np.full((4, 4, 3), 10, np.uint8)
 OTHER = np.full((4, 4, 3), 200, np.uint8)

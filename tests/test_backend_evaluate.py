@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from backend import evaluate as protocol
-from model.benchmark import synthetic_scene
 from model.clicks import Click
 from model.data import ObjectSample
-from model.evaluate import evaluate_objects
+from model.evaluation.benchmark import synthetic_scene
+from model.evaluation.evaluate import evaluate_objects
 from model.predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 
 
@@ -19,13 +19,14 @@ def objects():
 
 
 def test_a_keypoint_lands_on_the_clicked_pixel():
-    from backend.click_selection import to_click
+    from model.transforms import continuous_to_click
 
     item = protocol.keypoint_item(Click(37.0, 141.0, False), 150, 200, "k")
-    click = to_click(item["value"]["x"] / 100 * 200, item["value"]["y"] / 100 * 150, 150, 200, item["is_positive"])
+    click = continuous_to_click(item["value"]["x"] / 100 * 200, item["value"]["y"] / 100 * 150, 150, 200, item["is_positive"])
     assert (click.y, click.x, click.is_positive) == pytest.approx((37.0, 141.0, False))
 
 
+@pytest.mark.slow
 def test_the_product_matches_the_model_click_by_click(tmp_path, objects):
     model = evaluate_objects(ClickSegPredictor.from_checkpoint(DEFAULT_CHECKPOINT, device="cpu", cfr_steps=2),
                              objects, max_clicks=4)
@@ -67,12 +68,12 @@ def test_a_scene_needs_three_objects_on_one_image(tmp_path, objects):
 
 def test_a_keypoint_near_a_pixel_centre_is_snapped_to_it():
     """Percent coordinates carry float noise; the model must see the clicked pixel itself."""
-    from backend.click_selection import to_click
+    from model.transforms import continuous_to_click
 
     for col in range(0, 481):
         x = (col + 0.5) / 481 * 100 / 100 * 481
-        assert to_click(x, x, 481, 481, True).x == float(col)
-    assert to_click(10.75, 3.5, 20, 20, True).x == 10.25  # a click off the centre stays where it is
+        assert continuous_to_click(x, x, 481, 481, True).x == float(col)
+    assert continuous_to_click(10.75, 3.5, 20, 20, True).x == 10.25  # a click off the centre stays where it is
 
 
 def test_the_product_table_shows_the_baseline_beside_it(tmp_path, objects, capsys):

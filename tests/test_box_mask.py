@@ -45,7 +45,7 @@ def test_box_mask_rejects_a_box_that_does_not_fit_and_accepted_regions_a_wrong_s
 @pytest.mark.slow
 def test_backend_benchmark_times_the_triggering_click_with_and_without_recall():
     from backend.benchmark import benchmark_size, format_table
-    from model.benchmark import RECALL_SCENE_OBJECTS
+    from model.evaluation.benchmark import RECALL_SCENE_OBJECTS
 
     row = benchmark_size((320, 240), repeats=2)  # the shipped model on the synthetic scene
     assert row.size == "320x240" and row.samples == 2

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, read_header, save_checkpoint
-from model.registry import create_model
+from model.nets.registry import create_model
 
 
 @pytest.fixture()

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.clicks import IGNORE_VALUE, Click, Clicker, encode_click_maps, iou, validate_clicks
+from model.clicks import IGNORE_VALUE, Click, encode_click_maps, validate_clicks
+from model.evaluation.protocol import Clicker, iou
 
 
 def test_disks_have_radius_five_and_go_to_their_channel():

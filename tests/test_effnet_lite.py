@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.effnet_lite import imagenet_state_dict, load_imagenet_backbone, map_efficientnet_pytorch_state_dict
-from model.registry import create_model
+from model.nets.effnet_lite import imagenet_state_dict, load_imagenet_backbone, map_efficientnet_pytorch_state_dict
+from model.nets.registry import create_model
 
 
 def _test_image() -> torch.Tensor:

@@ -11,22 +11,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from model.clicks import IGNORE_VALUE, Click, Clicker, iou
-from model.evaluate import (
-    EvalResult,
-    ObjectResult,
-    Run,
-    evaluate_objects,
-    format_table,
-    load_run,
-    main,
-    miou_curve,
-    noc,
-    nof,
-    summarize,
-    write_outputs,
-)
-
+from model.clicks import IGNORE_VALUE, Click
+from model.evaluation.evaluate import (EvalResult, ObjectResult, Run, evaluate_objects, format_table, load_run, main,
+                                       write_outputs)
+from model.evaluation.protocol import Clicker, iou, miou_curve, noc, nof, summarize
 
 # --------------------------------------------------------------------------- clicker
 
@@ -283,7 +271,7 @@ def test_format_table_handles_short_curves():
 
 
 def test_parse_sizes():
-    from model.benchmark import parse_sizes
+    from model.evaluation.benchmark import parse_sizes
 
     assert parse_sizes("640x480, 4000X3000") == [(640, 480), (4000, 3000)]
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
@@ -311,7 +299,7 @@ class RedPredictor:
 
 
 def test_synthetic_scene_and_benchmark_setting_sample_counts():
-    from model.benchmark import benchmark_setting, synthetic_scene
+    from model.evaluation.benchmark import benchmark_setting, synthetic_scene
 
     image, mask = synthetic_scene(96, 64)
     assert image.shape == (64, 96, 3) and image.dtype == np.uint8 and mask.shape == (64, 96)

@@ -16,16 +16,8 @@ import numpy as np
 import pytest
 
 from backend import exemplars as ex
-from backend.exemplars import (
-    Exemplar,
-    SQLiteExemplarStore,
-    TaskRegions,
-    project_key,
-    regions_from_task,
-    regions_from_webhook,
-    task_key,
-    validate_region_size,
-)
+from backend.exemplars import (Exemplar, SQLiteExemplarStore, TaskRegions, project_key, regions_from_task,
+                               regions_from_webhook, task_key, validate_region_size)
 from backend.redis_state import RedisExemplarStore
 from backend.rle import mask_to_rle
 

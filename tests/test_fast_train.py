@@ -10,12 +10,14 @@ from PIL import Image
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.clicks import Click, encode_click_maps
-from model.fast_train import (CHECKPOINT_NAME, DeviceClicks, FastConfig, FastTrainer, dilate, erosion_depth,
-                              initial_clicks, next_clicks)
-from model.fast_train import main as fast_main
-from model.pack import build_pack, load_pack
-from model.registry import create_model
-from model.train import DatasetConfig, load_config
+from model.nets.registry import create_model
+from model.training.base import load_config
+from model.training.fast_train import (CHECKPOINT_NAME, DeviceClicks, FastConfig, FastTrainer, dilate, erosion_depth,
+                                       initial_clicks)
+from model.training.fast_train import main as fast_main
+from model.training.fast_train import next_clicks
+from model.training.pack import build_pack, load_pack
+from model.training.train import DatasetConfig, TrainConfig
 
 
 def _dataset(root, count=6):
@@ -128,6 +130,7 @@ def test_unknown_keys_and_bad_settings_are_named(tiny_run):
         FastTrainer(FastConfig(init=str(init), pack=str(pack), out_dir=str(root / "x"), loss_rounds="first"))
 
 
+@pytest.mark.slow
 def test_the_accelerator_script_runs_end_to_end_on_cpu(tiny_run, tmp_path):
     import os
     import subprocess
@@ -155,7 +158,7 @@ def test_the_accelerator_script_runs_end_to_end_on_cpu(tiny_run, tmp_path):
 def test_the_mix_config_loads_and_names_only_training_splits():
     from pathlib import Path
 
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "mix.yaml")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "mix.yaml", (), TrainConfig)
     specs = [d.spec for d in config.datasets]
     assert not any("heldout" in s or s.endswith(":val") or ":val+" in s for s in specs)
     assert all(":train" in s or s.startswith(("folder:", "wgisd:")) for s in specs)

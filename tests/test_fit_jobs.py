@@ -10,19 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from support import (API_KEY, FakeLabelStudioApi, annotation, annotation_created_body, brush_annotation, fit_settings,
+                     keypoint, make_pat, post, serve, small_checkpoint, start_training_body, texture_scene)
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.fit_worker import JobError, StatusWriter, compare, run_job, split_holdout
+from backend.job_state import ProjectPaths, promote, write_json_atomic
 from backend.labelstudio_api import LabelStudioApiError, fetch_project
 from backend.service import ClickSegModel
-from backend.training_jobs import JobManager, ProjectModels, ProjectPaths, promote, write_json_atomic
+from backend.training_jobs import JobManager, ProjectModels
 from model.data import ObjectSample
-from test_fit_support import (
-    FakeLabelStudioApi, annotation_created_body, brush_annotation, fit_settings, make_pat, small_checkpoint,
-    start_training_body, texture_scene,
-)
-from test_server_support import API_KEY, annotation, keypoint, post, serve
 
 SIZE = 96
 
@@ -75,6 +73,7 @@ def test_annotations_without_brush_regions(label_studio, checkpoint, tmp_path):
         run(fit_settings(label_studio.url, tmp_path, checkpoint))
 
 
+@pytest.mark.slow
 def test_unreachable_images_are_skipped_with_their_reason(label_studio, checkpoint, tmp_path, monkeypatch):
     add_textured_tasks(label_studio, 3)
     _, mask = texture_scene(7, SIZE)
@@ -163,6 +162,7 @@ def test_malformed_webhooks_are_400s(checkpoint, tmp_path, body, fragment):
 # --- jobs as processes: locks, status, crashes -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_job_per_project_and_a_killed_job_leaves_the_served_model(wait_for, label_studio, checkpoint, tmp_path):
     add_textured_tasks(label_studio, 4)
     settings = fit_settings(label_studio.url, tmp_path, checkpoint, FIT_STEPS="5000", FIT_NICE="5")
@@ -200,6 +200,7 @@ def test_one_job_per_project_and_a_killed_job_leaves_the_served_model(wait_for, 
     assert paths.pointer.read_bytes() == pointer and paths.versions() == ["p1-v1"]
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_reports_it_in_its_status_and_log(wait_for, checkpoint, tmp_path):
     jobs = JobManager(fit_settings("http://127.0.0.1:9", tmp_path, checkpoint))
     assert jobs.start("3", trigger="test").started

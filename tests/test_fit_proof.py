@@ -16,23 +16,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
+from support import (fit_env, free_port, interactive_task, pixel_keypoint, predict_body, setup_body, small_checkpoint,
+                     start_training_body, texture_scene)
 
 from model.checkpoint import read_header
-from test_fit_support import fit_env, small_checkpoint, start_training_body, texture_scene
-from test_server_support import interactive_task, pixel_keypoint, predict_body, setup_body
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 TEXTURED_TASKS = 12
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def click_on_task(task_id: int, seed: int) -> dict:
@@ -43,6 +36,7 @@ def click_on_task(task_id: int, seed: int) -> dict:
     return predict_body([interactive_task(f"/data/upload/1/task{task_id}.png", task_id=task_id)], {"result": [click]})
 
 
+@pytest.mark.slow
 def test_start_training_fine_tunes_and_every_worker_serves_the_new_version(texture_project, tmp_path):
     checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)
     model_dir = tmp_path / "models"
@@ -114,9 +108,10 @@ def test_start_training_fine_tunes_and_every_worker_serves_the_new_version(textu
     assert meta["version"] == "p1-v1" and meta["project"] == "1" and meta["metrics"]["after"]["noc@85"] == after["noc@85"]
 
 
+@pytest.mark.slow
 def test_served_versions_after_promotion_in_every_worker(texture_project, tmp_path):
     """/predict, /setup and /versions of both workers name the promoted version; other projects keep the default."""
-    from backend.training_jobs import ProjectPaths, promote, write_json_atomic
+    from backend.job_state import ProjectPaths, promote, write_json_atomic
 
     checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)
     model_dir = tmp_path / "models"

@@ -25,23 +25,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from support import (annotation, brush_result, draft, interactive_task, keypoint, png_bytes, predict_body, rectangle,
+                     serve, setup_body)
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.service import ClickSegModel
 from model.predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
-from test_server_support import (
-    annotation,
-    brush_result,
-    draft,
-    interactive_task,
-    keypoint,
-    png_bytes,
-    predict_body,
-    rectangle,
-    serve,
-    setup_body,
-)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 FUZZ_SEED = int(os.environ["FUZZ_SEED"]) if os.environ.get("FUZZ_SEED") else None  # None: derandomized (CI)
@@ -60,7 +50,7 @@ def client(tmp_path_factory):
     checkpoint = DEFAULT_CHECKPOINT
     if not checkpoint.is_file():
         from model.checkpoint import save_checkpoint
-        from model.registry import create_model
+        from model.nets.registry import create_model
 
         checkpoint = tmp_path_factory.mktemp("weights") / "random.safetensors"
         save_checkpoint(create_model("effnet-lite", {"input_size": 160}), checkpoint, meta={"version": "random"})
@@ -277,6 +267,7 @@ def mutate(body: Any, rng: random.Random) -> Any:
     return body
 
 
+@pytest.mark.slow
 def test_generated_requests_never_answer_5xx(client):
     base = seeds()
     counts: Dict[str, int] = {}

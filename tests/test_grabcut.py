@@ -1,4 +1,4 @@
-"""The GrabCut baseline: seeded by clicks, keeps only clicked components, and runs in model.evaluate."""
+"""The GrabCut baseline: seeded by clicks, keeps only clicked components, and runs in model.evaluation.evaluate."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.clicks import Click, iou
-from model.evaluate import main as evaluate_main
-from model.grabcut import GrabCutPredictor
+from model.clicks import Click
+from model.evaluation.evaluate import main as evaluate_main
+from model.evaluation.grabcut import GrabCutPredictor
+from model.evaluation.protocol import iou
 
 
 def _two_disks(height=80, width=120):

@@ -530,11 +530,11 @@ def test_oversized_download_stops_early(ls):
     ls.add_file("/data/upload/1/declared.png", b"\0" * 5000)
     fetcher = fetcher_for(ls.url, api_key=LEGACY_KEY, max_download_bytes=200_000)
     with pytest.raises(ImageAccessError, match="exceeds MAX_IMAGE_BYTES=200000") as error:
-        fetcher.fetch_bytes("/data/upload/1/huge.png")
+        fetcher.fetch("/data/upload/1/huge.png")
     assert error.value.status == 413
     small = fetcher_for(ls.url, api_key=LEGACY_KEY, max_download_bytes=4000)
     with pytest.raises(ImageAccessError, match="5000 bytes, more than MAX_IMAGE_BYTES=4000"):
-        small.fetch_bytes("/data/upload/1/declared.png")  # refused from Content-Length
+        small.fetch("/data/upload/1/declared.png")  # refused from Content-Length
     assert len(chunks_sent) < 1000
 
 
@@ -544,7 +544,8 @@ def test_too_many_pixels_rejected_before_decoding(ls):
     with pytest.raises(ImageAccessError, match=r"1000x1100 = 1100000 pixels, more than MAX_IMAGE_PIXELS=1000000") as e:
         fetcher.fetch("/data/upload/1/big.png")
     assert e.value.status == 413
-    assert len(fetcher.fetch_bytes("/data/upload/1/big.png")) > 0  # the bytes themselves are within limits
+    roomy = fetcher_for(ls.url, api_key=LEGACY_KEY, max_image_pixels=1_100_000)
+    assert roomy.fetch("/data/upload/1/big.png").shape == (1100, 1000, 3)  # the limit, not the file, refused it
 
 
 def test_non_image_body_names_content_type(ls):

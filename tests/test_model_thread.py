@@ -21,23 +21,3 @@ def test_calls_from_many_threads_run_on_one_thread_and_raise_their_errors():
     # ... but another instance's model thread is another thread
     other = ModelThread()
     assert model_thread.run(lambda: other.run(lambda: threading.get_ident())) != model_thread.run(threading.get_ident)
-
-
-def test_the_service_runs_predict_and_recall_on_the_model_thread(tmp_path):
-    from test_service_recall import ACCEPTED, B1, Backend, ScenePredictor, tiny_net
-
-    seen = []
-
-    class Recording(ScenePredictor):
-        def predict(self, state, clicks, prev_mask=None):
-            seen.append(("predict", threading.current_thread().name))
-            return super().predict(state, clicks, prev_mask)
-
-        def propose(self, *args, **kwargs):
-            seen.append(("propose", threading.current_thread().name))
-            return super().propose(*args, **kwargs)
-
-    backend = Backend(tmp_path, Recording(tiny_net(recall=True)))
-    regions = backend.click([B1], ACCEPTED)
-    assert len(regions) > 1 and {kind for kind, _ in seen} == {"predict", "propose"}
-    assert len({name for _, name in seen}) == 1 and seen[0][1].startswith("model_")

@@ -10,27 +10,43 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.plainvit import (
-    PLAINVIT_PRESETS,
-    PickledObjectPlaceholder,
-    RestrictedUnpickler,
-    config_from_official,
-    load_official_checkpoint,
-    load_official_file,
-    official_points_to_click_maps,
-)
-from model.registry import create_model, resolve_config
+from model.clicks import Click, encode_click_maps
+from model.nets.plainvit import PLAINVIT_PRESETS
+from model.official import (PickledObjectPlaceholder, RestrictedUnpickler, config_from_official, load_official_checkpoint,
+                            load_official_file)
+from model.nets.registry import create_model, resolve_config
 
 SHARED = Path(os.environ.get("LS_CLICKSEG_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 REFERENCE = SHARED / "reference"
 KEYS_JSON = REFERENCE / "official_checkpoint_keys.json"
 XTINY_CKPT = REFERENCE / "simpleclick_xtiny448_official_format.pth"
 XTINY_IO = REFERENCE / "simpleclick_xtiny448_io.pt"
+
+
+def official_points_to_click_maps(points: torch.Tensor, prev_mask: Optional[torch.Tensor],
+                                  height: int, width: int, radius: float = 5) -> torch.Tensor:
+    """Official ``points`` (B, 2N, 3) rows ``(y, x, click_index)`` -> click maps (B, 3, H, W).
+
+    The first N rows are positive clicks, the last N negative; rows whose y and x are both
+    negative are padding (official ``DistMaps``: ``max(y, x) < 0``). Disks are
+    ``(row - y)^2 + (col - x)^2 <= radius^2``, exactly as ``DistMaps(use_disks=True)``.
+    """
+    if points.ndim != 3 or points.shape[2] != 3 or points.shape[1] % 2:
+        raise ValueError(f"points: expected shape (B, 2N, 3), got {tuple(points.shape)}")
+    half = points.shape[1] // 2
+    maps = []
+    for b in range(points.shape[0]):
+        clicks = [Click(float(y), float(x), i < half)
+                  for i, (y, x, _) in enumerate(points[b].tolist()) if max(y, x) >= 0]
+        mask = None if prev_mask is None else prev_mask[b]
+        maps.append(encode_click_maps(clicks, height, width, mask, radius=radius, device=points.device))
+    return torch.cat(maps, dim=0)
 
 
 def _need(path: Path) -> Path:

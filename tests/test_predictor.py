@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from model.clicks import Click
+from model.nets.registry import create_model
 from model.predictor import ClickSegPredictor
-from model.registry import create_model
 
 
 class DiskNet(torch.nn.Module):

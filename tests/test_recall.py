@@ -10,14 +10,18 @@ from scipy import ndimage
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.clicks import Click
-from model.evaluate_mois import (evaluate_image, instance_cores, main as mois_main, match_proposals, oracle_bounds,
-                                 split_by_cores, summarize)
-from model.predictor import ClickSegPredictor, _shrink_map, _upscale_proposal
-from model.recall import ExemplarRecall, Proposal, masked_responses, propose_objects, union_mask
-from model.registry import create_model
-from model.scenes import IGNORE_INSTANCE, SyntheticScenes, WgisdScenes, random_crop
-from model.train import Trainer, load_config
-from model.train_recall import RecallTrainer, load_recall_config, sample_from_scene
+from model.evaluation.evaluate_mois import evaluate_image, instance_cores
+from model.evaluation.evaluate_mois import main as mois_main
+from model.evaluation.evaluate_mois import match_proposals, oracle_bounds, split_by_cores, summarize
+from model.nets.recall import ExemplarRecall, masked_responses
+from model.nets.registry import create_model
+from model.predictor import ClickSegPredictor
+from model.proposals import Proposal, propose, propose_objects, upscale_proposal
+from model.training.base import load_config
+from model.training.recall import RecallTrainer, load_recall_config, sample_from_scene
+from model.training.scenes import IGNORE_INSTANCE, SyntheticScenes, WgisdScenes, random_crop
+from model.training.train import TrainConfig, Trainer
+from model.transforms import shrink_map
 
 
 def tiny_net(recall_channels=16):
@@ -136,8 +140,6 @@ def test_propose_objects_thresholds_and_bad_input():
         propose_objects(np.zeros((2, 2, 2)))
     with pytest.raises(ValueError, match="exclude"):
         propose_objects(prob, np.zeros((3, 3), bool))
-    with pytest.raises(ValueError, match="expected"):
-        union_mask([np.zeros((2, 2), bool)], (3, 3))
 
 
 # --- predictor -----------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def test_predictor_propose_full_size_masks_never_cover_excluded():
     exemplar[10:30, 10:30] = True
     object_prob = np.zeros((100, 200), np.float32)
     object_prob[60:64, 140:160] = 1.0  # 20% of the second component
-    found = predictor.propose(state, exemplar, [Click(62, 150)], object_prob, min_score=0.5, min_area=20)
+    found = propose(predictor, state, exemplar, [Click(62, 150)], object_prob, min_score=0.5, min_area=20)
     assert [round(p.score, 2) for p in found] == [0.8, 0.7]
     first, second = found
     assert first.mask.shape == (100, 200)
@@ -200,7 +202,7 @@ def test_predictor_propose_full_size_masks_never_cover_excluded():
     for p in found:
         assert not (p.mask & exemplar).any()
     # an explicit exclude replaces the exemplar, never the current object
-    free = predictor.propose(state, exemplar, [Click(62, 150)], object_prob, exclude=np.zeros((100, 200), bool),
+    free = propose(predictor, state, exemplar, [Click(62, 150)], object_prob, exclude=np.zeros((100, 200), bool),
                              min_score=0.5, min_area=20)
     assert [round(p.score, 2) for p in free] == [0.9, 0.8, 0.7]
     assert not any((p.mask & (object_prob >= 0.49)).any() for p in free)
@@ -217,8 +219,8 @@ def test_shrink_map_of_a_bool_mask_resizes_only_its_box_like_the_whole_image():
     mask[1000:1400, 1500:2100] = True
     mask[2990:, :7] = True  # touches two borders
     # a scale that floats represent exactly (4000/1024): the same numbers as resizing everything
-    assert np.array_equal(_shrink_map(mask, (768, 1024)), _pil_box_shrink(mask, (768, 1024)))
-    assert not _shrink_map(np.zeros((30, 40), bool), (7, 9)).any()
+    assert np.array_equal(shrink_map(mask, (768, 1024)), _pil_box_shrink(mask, (768, 1024)))
+    assert not shrink_map(np.zeros((30, 40), bool), (7, 9)).any()
     for _ in range(40):  # any scale: box windows may break ties between neighbours differently
         height, width = (int(v) for v in rng.integers(20, 200, 2))
         size = (int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1)))
@@ -226,7 +228,7 @@ def test_shrink_map_of_a_bool_mask_resizes_only_its_box_like_the_whole_image():
         y, x = rng.integers(0, height), rng.integers(0, width)
         mask[y:y + rng.integers(1, 60), x:x + rng.integers(1, 60)] = True
         mask |= rng.random((height, width)) < 0.002
-        fast, reference = _shrink_map(mask, size), _pil_box_shrink(mask, size)
+        fast, reference = shrink_map(mask, size), _pil_box_shrink(mask, size)
         assert fast.shape == size and np.abs(fast - reference).mean() < 0.01
         assert np.mean((fast > 0.5) != (reference > 0.5)) < 0.01
 
@@ -238,24 +240,24 @@ def test_upscale_proposal_upscales_its_logits_in_its_box_without_excluded_pixels
     grid[10:20, 47:50] = 2.0  # a neighbour two pixels away: must not leak in
     component = grid >= 0
     component[:, 46:] = False
-    proposal = Proposal(component[8:22, 28:47].copy(), (8, 22, 28, 47), (50, 100), 0.9)
+    proposal = Proposal.from_crop(component[8:22, 28:47].copy(), (8, 22, 28, 47), (50, 100), 0.9)
     assert np.array_equal(proposal.mask, component) and proposal.area == 150
     exclude = np.zeros((200, 400), bool)
     exclude[40:50, :] = True
-    full = _upscale_proposal(proposal, grid, (200, 400), exclude)
+    full = upscale_proposal(proposal, grid, (200, 400), exclude)
     own = np.where(ndimage.binary_dilation(component, np.ones((3, 3), bool)), grid, -30.0).astype(np.float32)
     reference = F.interpolate(torch.from_numpy(own)[None, None], size=(200, 400),
                               mode="bilinear", align_corners=False)[0, 0].numpy() >= 0
-    assert full.shape == (200, 400) and full.score == 0.9
+    assert full.mask.shape == (200, 400) and full.score == 0.9
     assert np.array_equal(full.mask, reference & ~exclude)
     assert not full.mask[:, 46 * 4:].any()  # nothing of the neighbour
-    whole = _upscale_proposal(proposal, grid, (200, 400), np.zeros((200, 400), bool)).mask
+    whole = upscale_proposal(proposal, grid, (200, 400), np.zeros((200, 400), bool)).mask
     rows = np.flatnonzero(whole[:, 150])  # the top edge (fall-off -1) reaches further than the bottom (-2)
     assert (rows[0], rows[-1]) == (39, 79)
-    same = _upscale_proposal(proposal, grid, (50, 100), np.zeros((50, 100), bool))
+    same = upscale_proposal(proposal, grid, (50, 100), np.zeros((50, 100), bool))
     assert np.array_equal(same.mask, component)
     with pytest.raises(ValueError, match="grid"):
-        _upscale_proposal(proposal, grid[:10], (200, 400), exclude)
+        upscale_proposal(proposal, grid[:10], (200, 400), exclude)
 
 
 # --- checkpoints and training ------------------------------------------------------------------------
@@ -360,7 +362,7 @@ def test_segmenter_training_leaves_the_recall_branch_alone(tmp_path):
     _write_scene_dataset(tmp_path, rng)
     config = load_config(None, [f"init={init}", f"datasets=[{{spec: 'wgisd:{tmp_path / 'wgisd'}'}}]",
                                 f"out_dir={tmp_path / 'seg'}", "steps=1", "batch_size=2", "device=cpu",
-                                "threads=1", "validation.spec=null", "arch_config={input_size: 64}"])
+                                "threads=1", "validation.spec=null", "arch_config={input_size: 64}"], TrainConfig)
     trainer = Trainer(config)
     before = {k: v.clone() for k, v in trainer.net.recall.state_dict().items()}
     trainer.run()
@@ -424,7 +426,7 @@ def test_evaluate_image_counts_actions():
 
 
 def test_mois_command_writes_tables(tmp_path, capsys):
-    from model.evaluate_mois import main
+    from model.evaluation.evaluate_mois import main
     _write_scene_dataset(tmp_path, np.random.default_rng(0))
     checkpoint = save_checkpoint(tiny_net(), tmp_path / "net.safetensors", meta={"version": "tiny"})
     assert main(["--checkpoint", str(checkpoint), "--dataset", str(tmp_path / "wgisd"), "--max-clicks", "2",
@@ -483,7 +485,7 @@ def test_oracle_bounds_count_merged_neighbours_and_the_recall_grid(tmp_path, cap
 
 
 def test_benchmark_recall_row():
-    from model.benchmark import benchmark_recall, format_recall_table
+    from model.evaluation.benchmark import benchmark_recall, format_recall_table
     predictor = ClickSegPredictor(tiny_net())
     row = benchmark_recall(predictor, (96, 64), repeats=2)
     assert row.size == "96x64" and row.samples == 2

@@ -149,6 +149,7 @@ def rle_pack_streams(draw):
     return write_stream(tokens, rle_sizes, word_size), tokens
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(rle_pack_streams())
 def test_decode_rle_matches_sdk_on_general_streams(stream_and_tokens):

@@ -13,18 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from support import (API_KEY, FakeLabelStudioApi, annotation, brush_result, decode_region, fit_env, interactive_task,
+                     pixel_keypoint, png_bytes, predict_body, serve, small_checkpoint, start_training_body)
 
 from backend.app import create_app
 from backend.config import Settings
+from backend.job_state import ProjectPaths, promote, write_json_atomic
 from backend.redis_state import RedisExemplarStore, RedisJobRecords, connect
 from backend.service import ClickSegModel
-from backend.training_jobs import JobManager, ProjectPaths, promote, write_json_atomic
-from model.benchmark import RECALL_SCENE_OBJECTS, synthetic_scene
-from test_fit_support import FakeLabelStudioApi, fit_env, small_checkpoint, start_training_body
-from test_server_support import (
-    API_KEY, annotation, brush_result, decode_region, interactive_task, pixel_keypoint, png_bytes, predict_body,
-    serve,
-)
+from backend.training_jobs import JobManager
+from model.evaluation.benchmark import RECALL_SCENE_OBJECTS, synthetic_scene
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -82,6 +80,7 @@ def test_every_host_sees_one_job_per_project_and_the_same_status(redis_url, tmp_
     assert len(queued) == 2 and first.job["job_id"].encode() in queued
 
 
+@pytest.mark.slow
 def test_a_job_no_worker_takes_fails_and_a_late_worker_does_not_run_it(wait_for, redis_url, tmp_path):
     env = {**scale_env(redis_url, FIT_QUEUE_TIMEOUT="1"), "MODEL_DIR": str(tmp_path),
            "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": API_KEY, "LOG_LEVEL": "WARNING"}
@@ -112,6 +111,7 @@ def test_annotation_counts_are_shared(redis_url, tmp_path):
 # --- two backend processes --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_annotation_sent_to_one_backend_is_recalled_by_a_click_on_the_other(wait_for, redis_url, tmp_path,
                                                                                backend_processes):
     """Host A gets the reviewer's ANNOTATION_UPDATED (blobs 1 and 3); the annotator's editor, on host B,
@@ -161,6 +161,7 @@ def test_an_annotation_sent_to_one_backend_is_recalled_by_a_click_on_the_other(w
     assert {(s, r) for s, r, _ in regions} == {("annotation:5", "blob1"), ("annotation:5", "blob3")}  # B kept A's
 
 
+@pytest.mark.slow
 def test_start_training_on_one_backend_runs_on_the_worker_and_both_serve_the_new_version(wait_for, redis_url, tmp_path, texture_project, backend_processes):
     checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)
     env = {**fit_env(texture_project.url, tmp_path / "models", checkpoint, FIT_HOLDOUT_FRACTION="0.25"),
@@ -191,6 +192,7 @@ def test_start_training_on_one_backend_runs_on_the_worker_and_both_serve_the_new
     assert (tmp_path / "models" / "1" / "p1-v1" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_job_frees_the_project_and_leaves_the_served_model(wait_for, redis_url, tmp_path, texture_project):
     checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)
     model_dir = tmp_path / "models"
@@ -261,6 +263,7 @@ def test_the_compose_scale_profile():
     assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in services["balancer"]["volumes"]
 
 
+@pytest.mark.slow
 def test_the_load_check_runs_annotators_over_two_backends(redis_url, tmp_path):
     """A short run of ``python -m backend.load_check`` on a small model: every click answered, no error."""
     checkpoint = small_checkpoint(tmp_path / "small.safetensors", SIZE)

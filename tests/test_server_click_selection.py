@@ -2,13 +2,16 @@
 with Auto-Accept off the editor keeps every smart keypoint of the label until ✓ / ✗ deletes them
 all; with Auto-Accept on it deletes them after every answer (each request holds one keypoint).
 
-Runs over real HTTP with a deterministic colour-region predictor (test_server_support), so that
+Runs over real HTTP with a deterministic colour-region predictor (support.py), so that
 each expected mask is exact.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import (API_KEY, LABEL_CONFIG, ColourRegionPredictor, FakeLabelStudio, annotation, brush_result,
+                     decode_region, draft, interactive_task, pixel_keypoint, png_bytes, post, predict_body, rectangle,
+                     serve, three_object_image)
 
 from backend import click_selection
 from backend.app import create_app
@@ -16,24 +19,6 @@ from backend.config import Settings
 from backend.exemplars import Exemplar
 from backend.payload import parse_label_config, parse_prompt
 from backend.service import ClickSegModel
-from test_server_support import (
-    API_KEY,
-    LABEL_CONFIG,
-    ColourRegionPredictor,
-    FakeLabelStudio,
-    annotation,
-    brush_result,
-    decode_region,
-    draft,
-    interactive_task,
-    pixel_keypoint,
-    png_bytes,
-    post,
-    predict_body,
-    rectangle,
-    serve,
-    three_object_image,
-)
 
 IMAGE, MASKS = three_object_image()
 TWO_LABEL_CONFIG = LABEL_CONFIG.replace('<Label value="Object" background="#FF0000"/>',

@@ -8,36 +8,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from support import (API_KEY, FakeLabelStudio, batch_task, decode_region, free_port, interactive_task, keypoint,
+                     pixel_keypoint, png_bytes, post, predict_body, rectangle, serve, setup_body, webhook_body)
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.service import ClickSegModel
 from model.clicks import Click
 from model.predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
-from test_server_support import (
-    API_KEY,
-    FakeLabelStudio,
-    batch_task,
-    decode_region,
-    interactive_task,
-    keypoint,
-    pixel_keypoint,
-    png_bytes,
-    post,
-    predict_body,
-    rectangle,
-    serve,
-    setup_body,
-    webhook_body,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -53,7 +39,7 @@ def checkpoint(tmp_path_factory) -> Path:
     if DEFAULT_CHECKPOINT.is_file():
         return DEFAULT_CHECKPOINT
     from model.checkpoint import save_checkpoint
-    from model.registry import create_model
+    from model.nets.registry import create_model
 
     path = tmp_path_factory.mktemp("weights") / "random-effnet.safetensors"
     save_checkpoint(create_model("effnet-lite", {"input_size": 160}), path, meta={"version": "random-effnet-test"})
@@ -366,14 +352,7 @@ def test_a_model_that_cannot_load_is_a_503_naming_the_checkpoint(label_studio, t
 # --- gunicorn ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_gunicorn_serves_the_wsgi_app_with_json_logs(label_studio, checkpoint, tmp_path):
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "CHECKPOINT": str(checkpoint), "WORKERS": "1",
@@ -411,6 +390,7 @@ def test_gunicorn_serves_the_wsgi_app_with_json_logs(label_studio, checkpoint, t
     assert any(r["message"] == "interactive prediction" for r in records)
 
 
+@pytest.mark.slow
 def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path):
     """Four connections stuck in their headers or body, with two threads: /health still answers
     once REQUEST_READ_TIMEOUT has passed, and the stuck connections are closed."""
@@ -460,6 +440,7 @@ def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path
         process.wait(30)
 
 
+@pytest.mark.slow
 def test_gunicorn_stops_at_boot_when_the_checkpoint_cannot_load(tmp_path):
     missing = tmp_path / "absent.safetensors"
     env = {**os.environ, "PORT": str(free_port()), "HOST": "127.0.0.1", "CHECKPOINT": str(missing), "DEVICE": "cpu"}

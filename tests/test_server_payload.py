@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from support import keypoint
 
 from backend.errors import BackendError
-from backend.payload import (
-    current_group,
-    parse_context,
-    parse_label_config,
-    task_image_url,
-)
-from test_server_support import keypoint
+from backend.payload import current_group, parse_context, parse_label_config, task_image_url
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

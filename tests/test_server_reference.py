@@ -9,27 +9,13 @@ import json
 import numpy as np
 import pytest
 import requests
+from support import (API_KEY, ColourRegionPredictor, FakeLabelStudio, annotation, batch_task, brush_result,
+                     decode_region, draft, interactive_task, keypoint, png_bytes, predict_body, serve, setup_body,
+                     webhook_body)
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.service import ClickSegModel
-from test_server_support import (
-    API_KEY,
-    FakeLabelStudio,
-    ColourRegionPredictor,
-    batch_task,
-    decode_region,
-    draft,
-    annotation,
-    brush_result,
-    interactive_task,
-    keypoint,
-    png_bytes,
-    predict_body,
-    serve,
-    setup_body,
-    webhook_body,
-)
 
 # The recording redacts its label config; this is the config its parsed_label_config describes.
 RECORDED_CONFIG = """<View>

@@ -99,6 +99,7 @@ def test_session_store_stays_within_its_byte_budget():
     assert store.cache.total_bytes <= 250 and len(store.cache) == 2
 
 
+@pytest.mark.slow
 def test_the_memory_benchmark_keeps_the_session_cache_within_its_budget(monkeypatch):
     """`backend.benchmark --memory-tasks`: one line per 50 tasks; the cache never exceeds SESSION_CACHE_BYTES."""
     from backend.benchmark import memory_run

@@ -2,36 +2,27 @@
 refined, never touching accepted regions; failures, settings and the background warm-up.
 
 A tiny random network carries the real recall plumbing (features, ``propose``); the object masks
-(colour regions, test_server_support) and the recall map are hand-made, so every expected
+(colour regions, support.py) and the recall map are hand-made, so every expected
 proposal is exact.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from support import (HARD, PROJECT, ColourRegionPredictor, FakeImageState, brush_result, decode_region, draft,
+                     interactive_task, pixel_keypoint, predict_body)
 
 from backend.app import create_app
 from backend.benchmark import SceneFetcher
 from backend.config import Settings
 from backend.service import ClickSegModel
+from model.nets.registry import create_model
 from model.predictor import ClickSegPredictor
-from model.registry import create_model
-from test_server_support import (
-    HARD,
-    PROJECT,
-    ColourRegionPredictor,
-    FakeImageState,
-    brush_result,
-    decode_region,
-    draft,
-    interactive_task,
-    pixel_keypoint,
-    predict_body,
-)
 
 H, W = 48, 64
 IMAGE_URL = "/data/upload/1/grapes.png"
@@ -349,3 +340,21 @@ def test_recall_settings_defaults_and_values():
 def test_bad_recall_settings_name_the_variable(env, fragment):
     with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
         Settings.from_env(env)
+
+
+def test_the_service_runs_predict_and_recall_on_the_model_thread(tmp_path):
+    seen = []
+
+    class Recording(ScenePredictor):
+        def predict(self, state, clicks, prev_mask=None):
+            seen.append(("predict", threading.current_thread().name))
+            return super().predict(state, clicks, prev_mask)
+
+        def recall_logits(self, *args, **kwargs):
+            seen.append(("recall", threading.current_thread().name))
+            return super().recall_logits(*args, **kwargs)
+
+    backend = Backend(tmp_path, Recording(tiny_net(recall=True)))
+    regions = backend.click([B1], ACCEPTED)
+    assert len(regions) > 1 and {kind for kind, _ in seen} == {"predict", "recall"}
+    assert len({name for _, name in seen}) == 1 and seen[0][1].startswith("model_")

@@ -1,4 +1,4 @@
-"""model.suite: the model beside the baseline, set by set, cached and resumable."""
+"""model.evaluation.suite: the model beside the baseline, set by set, cached and resumable."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from model.data import is_heldout
-from model.suite import main as suite_main
+from model.evaluation.suite import main as suite_main
 
 
 def _pennfudan(root):

@@ -7,8 +7,9 @@ from PIL import Image
 
 from model.checkpoint import load_checkpoint
 from model.data import ObjectSample, folder_refs
-from model.train import (ObjectSource, Trainer, load_config, next_click_from_errors, sample_initial_clicks,
-                         ClickConfig)
+from model.training.base import load_config
+from model.training.train import (ClickConfig, ObjectSource, TrainConfig, Trainer, next_click_from_errors,
+                                  sample_initial_clicks)
 
 
 def synthetic_objects(n=4, size=96):
@@ -27,16 +28,16 @@ def synthetic_objects(n=4, size=96):
 def tiny_config(tmp_path, **extra):
     overrides = [f"out_dir={tmp_path / 'run'}", "arch_config={input_size: 64, decoder_channels: 16}",
                  "init=scratch", "batch_size=2", "steps=2", "checkpoint_every=1", "warmup_steps=1", "threads=1"]
-    return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
+    return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()], TrainConfig)
 
 
 def test_unknown_config_keys_are_rejected_by_name(tmp_path):
     with pytest.raises(ValueError, match="'icl.betta'"):
-        load_config(None, ["icl.betta=[1, 2]"])
+        load_config(None, ["icl.betta=[1, 2]"], TrainConfig)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("steps: 5\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="'learning_rate'"):
-        load_config(cfg_file)
+        load_config(cfg_file, (), TrainConfig)
 
 
 def test_icl_training_runs_saves_config_and_resumes(tmp_path):

@@ -80,15 +80,16 @@ def beside(mask: np.ndarray, start: Tuple[int, int], gap: int = 8) -> Tuple[int,
 
 def model_alone_iou(checkpoint, scene: ObjectsScene, sent: List[Dict[str, Any]], gt: np.ndarray) -> float:
     """IoU of the served model, run in-process on the clicks the editor sent (percent), with mask feedback."""
-    from backend.click_selection import to_click
-    from model.predictor import MASK_THRESHOLD, ClickSegPredictor
+    from model.clicks import MASK_THRESHOLD
+    from model.predictor import ClickSegPredictor
+    from model.transforms import continuous_to_click
 
     predictor = ClickSegPredictor.from_checkpoint(checkpoint, device="cpu")
     state = predictor.encode_image(scene.image)
     made, prob = [], None
     for item in sent:
         x, y = item["x"] / 100 * scene.width, item["y"] / 100 * scene.height
-        made.append(to_click(x, y, scene.height, scene.width, item["is_positive"] is not False))
+        made.append(continuous_to_click(x, y, scene.height, scene.width, item["is_positive"] is not False))
         prob = predictor.predict(state, made, prev_mask=prob)
     return iou(prob >= MASK_THRESHOLD, gt)
 

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clicks import IGNORE_VALUE
-
+from ..clicks import IGNORE_VALUE
 
 # --- SUEM mask arithmetic ------------------------------------------------------------------
 

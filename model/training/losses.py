@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .clicks import IGNORE_VALUE
+from ..clicks import IGNORE_VALUE
 
 
 def normalized_focal_loss(logits: torch.Tensor, gt: torch.Tensor, alpha: float = 0.5, gamma: float = 2.0,

@@ -15,7 +15,7 @@ its curve with the last IoU. NoC@thr and NoF@thr stay exact for thr <= T; NoC
 and NoF above T, and mIoU@k after the stop, then assume the IoU would have
 stayed put (an approximation, recorded in the JSON settings).
 
-    python -m model.evaluate --dataset bsds500:../shared/data/bsds500:val --max-objects 100 \
+    python -m model.evaluation.evaluate --dataset bsds500:../shared/data/bsds500:val --max-objects 100 \
         --out-dir runs/eval --label cfr-on --compare runs/eval/cfr-off.json
 """
 from __future__ import annotations
@@ -32,11 +32,16 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from .clicks import MASK_THRESHOLD, Click, Clicker, iou
+from ..clicks import MASK_THRESHOLD, Click
+from ..data import open_objects
+from ..predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 from .grabcut import GrabCutPredictor
-NOC_THRESHOLDS = (0.85, 0.90, 0.95)
-NOF_THRESHOLDS = (0.85, 0.90)
+from .machine import machine_info
+from .protocol import Clicker, iou, summarize
+
 TABLE_MIOU_CLICKS = (1, 3, 5, 10, 20)
 
 
@@ -48,47 +53,6 @@ class Predictor(Protocol):
     def encode_image(self, image: np.ndarray) -> Any: ...
 
     def predict(self, state: Any, clicks: Sequence[Click], prev_mask: Optional[np.ndarray] = None) -> np.ndarray: ...
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _curve(ious: Sequence[float], max_clicks: int) -> np.ndarray:
-    if max_clicks < 1:
-        raise ValueError(f"max_clicks must be >= 1, got {max_clicks}")
-    curve = np.asarray(ious, dtype=np.float64)
-    if curve.ndim != 1 or len(curve) < max_clicks:
-        raise ValueError(f"an IoU curve needs at least max_clicks={max_clicks} values, got shape {curve.shape}")
-    return curve[:max_clicks]
-
-
-def noc(ious: Sequence[float], thr: float, max_clicks: int) -> int:
-    """Number of clicks to first reach IoU >= ``thr`` (``ious[k-1]`` = IoU after k clicks); ``max_clicks`` if never."""
-    reached = _curve(ious, max_clicks) >= thr
-    return int(np.argmax(reached)) + 1 if reached.any() else max_clicks
-
-
-def nof(curves: Sequence[Sequence[float]], thr: float, max_clicks: int) -> int:
-    """Number of objects whose IoU never reaches ``thr`` within ``max_clicks`` clicks."""
-    return int(sum(not (_curve(c, max_clicks) >= thr).any() for c in curves))
-
-
-def miou_curve(curves: Sequence[Sequence[float]], max_clicks: int) -> np.ndarray:
-    """``(max_clicks,)`` mean IoU over objects after 1..max_clicks clicks."""
-    if len(curves) == 0:
-        raise ValueError("miou_curve: no IoU curves given")
-    return np.stack([_curve(c, max_clicks) for c in curves]).mean(axis=0)
-
-
-def summarize(curves: Sequence[Sequence[float]], max_clicks: int) -> Dict[str, Any]:
-    """NoC / NoF / mIoU summary of per-object IoU curves."""
-    summary: Dict[str, Any] = {"num_objects": len(curves), "max_clicks": max_clicks}
-    for thr in NOC_THRESHOLDS:
-        summary[f"noc@{round(thr * 100)}"] = float(np.mean([noc(c, thr, max_clicks) for c in curves]))
-    for thr in NOF_THRESHOLDS:
-        summary[f"nof@{round(thr * 100)}"] = nof(curves, thr, max_clicks)
-    summary["miou_curve"] = miou_curve(curves, max_clicks).tolist()
-    return summary
 
 
 # --------------------------------------------------------------------------- evaluation loop
@@ -176,8 +140,6 @@ def evaluate_objects(
         raise ValueError(f"stop_at_iou must lie in (0, 1], got {stop_at_iou}")
     iterator = objects
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(objects, desc="objects", file=sys.stderr)
     results = []
     last_image, state = None, None
@@ -255,7 +217,7 @@ def format_table(runs: Sequence[Run]) -> str:
 
 def plot_miou(runs: Sequence[Run], path: str | Path, title: str = "") -> Path:
     """PNG of mIoU against the number of clicks, one line per run."""
-    import matplotlib
+    import matplotlib  # the [eval] extra: only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -374,7 +336,7 @@ def report(result: EvalResult, out_dir: str | Path, compare: Sequence[Run] = (),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.evaluation.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint path (default: the embedded default)")
     p.add_argument("--dataset", required=True, help="bsds500:<root>[:val], wgisd:<root> or folder:<root>")
     p.add_argument("--max-objects", type=int, default=None, help="evaluate a fixed random sample of N objects")
@@ -410,12 +372,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cfr_steps is not None and args.cfr_steps < 0:
         raise SystemExit(f"--cfr-steps must be >= 0, got {args.cfr_steps}")
     compare = [load_run(p) for p in args.compare]  # fail before the long run
-
-    import torch
-
-    from .benchmark import machine_info
-    from .data import open_objects
-    from .predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 
     checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
     options: Dict[str, Any] = {"zoom_in": not args.no_zoom_in, "flip": args.flip}

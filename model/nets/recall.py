@@ -11,28 +11,22 @@ iCMFormer++-style ("Learning from Exemplars for Interactive Image Segmentation")
 3. Channel fusion (squeeze-excitation over [features, responses, masks, click disks]) and a
    dilated recall head -> logits of *all* objects of the exemplar's category.
 
-``propose_objects`` turns the recall map into separate proposals (connected components,
-accepted objects removed, scored, thresholded).
+``model.proposals`` turns the recall map into separate proposals.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
 
-from .boxes import Box, box_slices
 from .layers import IMAGE_MEAN, IMAGE_STD, conv_bn_relu
 
 RECALL_STAGES = (2, 4)  # backbone stages used: strides 8 and 16
 FINE_STAGE = 1  # stride 4, for the optional boundary refinement
 RECALL_STRIDE = 8
-PROPOSAL_MIN_SCORE = 0.8  # measured on WGISD-dev MOIS: at most 1 false proposal per image (0.4)
 RECALL_CLICK_RADIUS = 8  # click disk radius at recall-input resolution
 # correlation kernels kept per mask (strided subsample beyond this); 256 instead of 1024 cuts the
 # recall head by ≈ 20 % on large exemplars, recall masks agree at IoU 0.98 (BSDS500 val, largest regions)
@@ -202,94 +196,3 @@ class ExemplarRecall(nn.Module):
         first = (F.conv2d(up, conv.weight[:, :c], padding=conv.padding) + features.fine_term
                  + F.conv2d(up_logits, conv.weight[:, c + self.refine_channels:], padding=conv.padding))
         return up_logits + self.refine[1:](relu(bn(first)))
-
-
-# --- proposals ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Proposal:
-    """One proposed object of an image of ``shape`` (H, W), kept as its box.
-
-    ``crop`` bool (y1 - y0, x1 - x0) is the mask inside ``box`` = (y0, y1, x0, x1); the object's
-    cost (memory, RLE, overlap tests) is its box, not the image. ``score`` in [0, 1] is the mean
-    recall probability.
-    """
-
-    crop: np.ndarray
-    box: Box
-    shape: Tuple[int, int]
-    score: float
-
-    @property
-    def slices(self) -> Tuple[slice, slice]:
-        return box_slices(self.box)
-
-    @property
-    def mask(self) -> np.ndarray:
-        """The full-size bool (H, W) mask."""
-        full = np.zeros(self.shape, dtype=bool)
-        full[self.slices] = self.crop
-        return full
-
-    @property
-    def area(self) -> int:
-        return int(self.crop.sum())
-
-
-def propose_objects(
-    recall_prob: np.ndarray,
-    exclude: Optional[np.ndarray] = None,
-    *,
-    threshold: float = 0.5,
-    min_score: float = PROPOSAL_MIN_SCORE,
-    min_area: int = 16,
-    max_excluded_fraction: float = 0.3,
-    max_proposals: int = 50,
-) -> List[Proposal]:
-    """Connected components of ``recall_prob >= threshold`` as proposals, best first.
-
-    recall_prob float (H, W). ``exclude`` bool (H, W): accepted objects and the clicked object;
-    a component overlapping it by more than ``max_excluded_fraction`` of its area is dropped,
-    any other loses the overlapping pixels (proposals never cover excluded pixels).
-    Components smaller than ``min_area`` pixels or scoring below ``min_score`` are dropped.
-    """
-    recall_prob = np.asarray(recall_prob, dtype=np.float32)
-    if recall_prob.ndim != 2:
-        raise ValueError(f"recall_prob must be (H, W), got shape {recall_prob.shape}")
-    if exclude is not None and exclude.shape != recall_prob.shape:
-        raise ValueError(f"exclude has shape {exclude.shape}, recall_prob {recall_prob.shape}")
-    components, count = ndimage.label(recall_prob >= threshold)
-    if count == 0:
-        return []
-    proposals = []
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        component = components[box] == index
-        area = int(component.sum())
-        if area < min_area:
-            continue
-        if exclude is not None:
-            excluded = component & exclude[box]
-            if excluded.sum() > max_excluded_fraction * area:
-                continue
-            component = component & ~excluded
-            area = int(component.sum())
-            if area < min_area:
-                continue
-        score = float(recall_prob[box][component].mean())
-        if score < min_score:
-            continue
-        rows, cols = box
-        proposals.append(Proposal(component, (rows.start, rows.stop, cols.start, cols.stop), recall_prob.shape, score))
-    proposals.sort(key=lambda p: -p.score)
-    return proposals[:max_proposals]
-
-
-def union_mask(masks: Sequence[np.ndarray], shape) -> np.ndarray:
-    """Logical OR of bool masks (all of ``shape``); zeros when there are none."""
-    out = np.zeros(shape, dtype=bool)
-    for m in masks:
-        if m.shape != tuple(shape):
-            raise ValueError(f"mask has shape {m.shape}, expected {tuple(shape)}")
-        out |= m
-    return out

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..data import ObjectRef, read_label_map, read_rgb
 from .augment import color_jitter, resize_pair
-from .data import ObjectRef, read_label_map, read_rgb
 
 IGNORE_INSTANCE = -1  # instance map value: do not train on this pixel
 

@@ -1,7 +1,7 @@
 """The classical baseline: OpenCV GrabCut (Rother et al., 2004) seeded by the same clicks.
 
 Every model table shows it beside the model, on the same objects, with the same clicker and
-metrics (``python -m model.evaluate --baseline grabcut``). Each call starts GrabCut afresh from
+metrics (``python -m model.evaluation.evaluate --baseline grabcut``). Each call starts GrabCut afresh from
 all clicks so far; the previous mask is not used (seeding from it was worse: a wrong first
 answer kept biasing the colour models):
 
@@ -25,7 +25,8 @@ from typing import Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .clicks import Click, validate_clicks
+from ..clicks import Click, validate_clicks
+from ..transforms import map_clicks
 
 SURE_RADIUS = 5
 PROBABLE_FRACTION = 0.08
@@ -43,7 +44,7 @@ class GrabCutImage:
 
 
 class GrabCutPredictor:
-    """The ``model.evaluate.Predictor`` interface on GrabCut; ``predict`` returns a 0/1 float map (H, W)."""
+    """The ``model.evaluation.evaluate.Predictor`` interface on GrabCut; ``predict`` returns a 0/1 float map (H, W)."""
 
     model_version = "grabcut"
 
@@ -74,7 +75,7 @@ class GrabCutPredictor:
     def predict(self, state: GrabCutImage, clicks: Sequence[Click], prev_mask: Optional[np.ndarray] = None) -> np.ndarray:
         """Clicks in original-image pixels -> (H, W) float32 map, 1 on the object."""
         validate_clicks(clicks, state.height, state.width)
-        small = self._segment(state.bgr, [_scaled(c, state) for c in clicks])
+        small = self._segment(state.bgr, map_clicks(clicks, (state.height, state.width), state.bgr.shape[:2]))
         if small.shape != (state.height, state.width):
             small = cv2.resize(small, (state.width, state.height), interpolation=cv2.INTER_NEAREST)
         return small.astype(np.float32)
@@ -97,12 +98,6 @@ class GrabCutPredictor:
             cv2.grabCut(bgr, seeds, None, *models, self.iterations, cv2.GC_INIT_WITH_MASK)
         foreground = np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
         return _components_with_clicks(foreground, positives)
-
-
-def _scaled(click: Click, state: GrabCutImage) -> Click:
-    """A click on the original image -> the same pixel centre on the GrabCut image."""
-    sy, sx = state.bgr.shape[0] / state.height, state.bgr.shape[1] / state.width
-    return Click((click.y + 0.5) * sy - 0.5, (click.x + 0.5) * sx - 0.5, click.is_positive)
 
 
 def _centre(click: Click) -> Tuple[int, int]:

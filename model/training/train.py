@@ -1,4 +1,4 @@
-"""ICL trainer: ``python -m model.train --config configs/default.yaml [--set key=value ...]``.
+"""ICL trainer: ``python -m model.training.train --config configs/default.yaml [--set key=value ...]``.
 
 Iterative Click Loss (CFR-ICL): each sample starts from random initial clicks and an
 empty mask; then ``t`` rounds (t drawn from 1..max_rounds). Each round predicts, adds
@@ -11,13 +11,10 @@ checkpoints, CPU or CUDA (with mixed precision).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,16 +23,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..clicks import IGNORE_VALUE, MASK_THRESHOLD, Click, encode_click_maps, padded_distance
+from ..data import ObjectRef, ObjectSample, open_objects, parse_dataset_spec
+from ..evaluation.evaluate import evaluate_objects
+from ..nets.effnet_lite import load_imagenet_backbone
+from ..nets.registry import create_model
+from ..predictor import ClickSegPredictor
 from .augment import AugmentConfig, color_jitter, object_crop, suem_copy_paste
-from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
-from .clicks import IGNORE_VALUE, MASK_THRESHOLD, Click, encode_click_maps, padded_distance
-from .data import ObjectRef, ObjectSample, parse_dataset_spec
+from .base import TrainerBase, command_line, config_to_dict
 from .losses import LOSSES
-from .registry import create_model
 
-log = logging.getLogger("model.train")
+log = logging.getLogger("model.training.train")
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -64,8 +64,8 @@ class ClickConfig:
 class DatasetConfig:
     spec: str = ""
     weight: float = 1.0
-    pack_max_images: Optional[int] = None  # model.pack: at most this many images of the set (seeded choice)
-    pack_tile: int = 0  # model.pack: cut images into tiles of this many px first (0: whole images)
+    pack_max_images: Optional[int] = None  # model.training.pack: at most this many images of the set (seeded choice)
+    pack_tile: int = 0  # model.training.pack: cut images into tiles of this many px first (0: whole images)
 
 
 @dataclass
@@ -101,51 +101,6 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # mixed precision, CUDA only
     threads: int = 0  # torch CPU threads, 0 = torch default
-
-
-def _build_dataclass(cls, data: Dict[str, Any], path: str = ""):
-    """``cls(**data)`` recursively, rejecting unknown keys by their full name."""
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path or 'root'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{path}.{key}" if path else key
-        if key not in fields:
-            raise ValueError(f"unknown config key {name!r}")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
-        if dataclasses.is_dataclass(default):
-            value = _build_dataclass(type(default), value, name)
-        elif key == "datasets":
-            value = [_build_dataclass(DatasetConfig, d, f"{name}[{i}]") for i, d in enumerate(value)]
-        elif isinstance(default, tuple):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _set_dotted(data: Dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        data = data.setdefault(k, {})
-    data[keys[-1]] = value
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), cls: type = TrainConfig):
-    """A ``cls`` config from a YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML)."""
-    data: Dict[str, Any] = {}
-    if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(value))
-    return _build_dataclass(cls, data)
-
-
-def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 # --- object sources ---------------------------------------------------------------------------
@@ -219,6 +174,24 @@ def next_click_from_errors(pred: np.ndarray, gt: np.ndarray, rng: np.random.Gene
     return Click(float(y), float(x), positive)
 
 
+def add_error_clicks(clicks: List[List[Click]], pred: np.ndarray, gts: np.ndarray, rng: np.random.Generator) -> None:
+    """The next ICL round's clicks: one more for each sample whose bool ``pred`` (B, H, W) has an
+    error against ``gts`` (B, H, W), from ``next_click_from_errors``."""
+    for i in range(len(clicks)):
+        nxt = next_click_from_errors(pred[i], gts[i], rng)
+        if nxt is not None:
+            clicks[i] = clicks[i] + [nxt]
+
+
+def batch_iou(pred: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean IoU of bool ``pred`` (B, H, W) against ``targets`` (B, 1, H, W): 1 object, IGNORE_VALUE ignored."""
+    valid = targets[:, 0] != IGNORE_VALUE
+    obj = (targets[:, 0] == 1) & valid
+    inter = (pred & obj).sum((1, 2)).float()
+    union = ((pred & valid) | obj).sum((1, 2)).float().clamp(min=1)
+    return float((inter / union).mean())
+
+
 # --- batches ----------------------------------------------------------------------------------
 
 def make_training_pair(sources, rng: np.random.Generator, size: int, aug: AugmentConfig):
@@ -262,7 +235,6 @@ def build_network(config: TrainConfig) -> nn.Module:
         if config.init == "imagenet":
             if config.arch != "effnet-lite":
                 raise ValueError(f"init 'imagenet' is available for effnet-lite only, not {config.arch!r}")
-            from .effnet_lite import load_imagenet_backbone
             load_imagenet_backbone(net)
         return net
     return load_checkpoint(config.init, expect_arch=config.arch).train()
@@ -290,100 +262,6 @@ def set_train_mode(net: nn.Module, freeze_backbone: bool) -> None:
                 module.eval()
 
 
-class TrainerBase:
-    """What every trainer shares: device and threads, the warm-up + cosine schedule, atomic resume
-    state (``out_dir/last.pt``), log lines and the step loop.
-
-    A subclass builds ``self.net`` and ``self.optimizer``, then calls ``_begin()``; it implements
-    ``train_step()``, ``export(name)``, ``_state()`` / ``_load_state(state)`` (what ``last.pt`` holds
-    besides the optimiser, schedule and step), and may hook ``_after_step(stats)``.
-    """
-
-    progress_name = "train"
-
-    def __init__(self, config: Any):
-        self.config = config
-        self.device = resolve_device(config.device)
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.out_dir = Path(config.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.step = 0
-
-    def _begin(self, config_dict: Dict[str, Any]) -> None:
-        """With the network and optimiser built: the schedule, the config file, and resume."""
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        self._resume()
-
-    def _lr_factor(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.config.warmup_steps))
-        progress = min(1.0, step / max(1, self.config.steps))
-        return warm * 0.5 * (1 + math.cos(math.pi * progress))
-
-    # --- checkpoints ---
-    @property
-    def state_path(self) -> Path:
-        return self.out_dir / "last.pt"
-
-    def _state(self) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def _load_state(self, state: Dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _resume(self) -> None:
-        if not self.state_path.exists():
-            return
-        state = torch.load(self.state_path, map_location=self.device, weights_only=True)
-        self._load_state(state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        log.info("resumed from %s at step %d", self.state_path, self.step)
-
-    def save_state(self) -> None:
-        state = {**self._state(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "step": self.step}
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
-
-    def export(self, name: str) -> Path:
-        raise NotImplementedError
-
-    # --- the loop ---
-    def train_step(self) -> Dict[str, float]:
-        raise NotImplementedError
-
-    def _after_step(self, stats: Dict[str, Any]) -> None:
-        """Called after every step (logged or not): progress callbacks, validation."""
-
-    def _log(self, record: Dict[str, Any]) -> None:
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def run_steps(self) -> None:
-        """Train to ``config.steps``: log every ``log_every``, save state and ``last`` every ``checkpoint_every``."""
-        from tqdm import tqdm
-
-        cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.progress_name, dynamic_ncols=True, disable=None)
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            stats = self.train_step()
-            stats.update(sec_per_step=time.perf_counter() - t0, step=self.step, lr=self.scheduler.get_last_lr()[-1])
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", iou=f"{stats['iou']:.3f}", s=f"{stats['sec_per_step']:.2f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log(stats)
-            self._after_step(stats)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_state()
-                self.export("last")
-        bar.close()
-
-
 class Trainer(TrainerBase):
     """The segmenter's ICL trainer; ``run()`` trains to ``config.steps``."""
 
@@ -401,7 +279,7 @@ class Trainer(TrainerBase):
         self.net = build_network(config).to(self.device)
         self.input_size = int(self.net.arch_config["input_size"])
         recall = getattr(self.net, "recall", None)
-        if recall is not None:  # trained separately (model.train_recall); kept as it is here
+        if recall is not None:  # trained separately (model.training.recall); kept as it is here
             recall.requires_grad_(False)
         backbone, rest = backbone_parameters(self.net)
         rest = [p for p in rest if p.requires_grad]
@@ -465,11 +343,7 @@ class Trainer(TrainerBase):
                 total = total + cfg.icl.beta[r] * self.loss_fn(logits, gts, **self._loss_kwargs()).mean()
             prob = torch.sigmoid(logits.detach().float())
             if r < rounds - 1:
-                pred_np = (prob[:, 0] > MASK_THRESHOLD).cpu().numpy()
-                for i in range(len(clicks)):
-                    nxt = next_click_from_errors(pred_np[i], gts_np[i], rng)
-                    if nxt is not None:
-                        clicks[i] = clicks[i] + [nxt]
+                add_error_clicks(clicks, (prob[:, 0] > MASK_THRESHOLD).cpu().numpy(), gts_np, rng)
                 prev = prob
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -477,12 +351,7 @@ class Trainer(TrainerBase):
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        pred = prob[:, 0] > MASK_THRESHOLD
-        valid = gts[:, 0] != IGNORE_VALUE
-        obj = (gts[:, 0] == 1) & valid
-        inter = (pred & obj).sum((1, 2)).float()
-        union = ((pred & valid) | obj).sum((1, 2)).float().clamp(min=1)
-        return {"loss": float(total.detach()), "iou": float((inter / union).mean()), "rounds": rounds}
+        return {"loss": float(total.detach()), "iou": batch_iou(prob[:, 0] > MASK_THRESHOLD, gts), "rounds": rounds}
 
     def _loss_kwargs(self) -> Dict[str, float]:
         return {"alpha": self.config.loss.alpha, "gamma": self.config.loss.gamma} if self.config.loss.name == "nfl" else {}
@@ -492,9 +361,6 @@ class Trainer(TrainerBase):
         v = self.config.validation
         if not v.spec:
             return None
-        from .evaluate import evaluate_objects
-        from .data import open_objects
-        from .predictor import ClickSegPredictor
         objects = open_objects(v.spec, max_objects=v.max_objects, seed=0)
         self.net.eval()
         result = evaluate_objects(ClickSegPredictor(self.net, device=self.device), objects,
@@ -517,22 +383,6 @@ class Trainer(TrainerBase):
     def run(self) -> Dict[str, Any]:
         self.run_steps()
         return {"step": self.step, "best_noc90": self.best_metric, "history": self.history}
-
-
-def command_line(argv: Optional[Sequence[str]], description: str, config_cls: type, trainer_cls: type) -> None:
-    """``--config FILE --set key=value ...``: build the trainer of ``config_cls``, run it, print its summary."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, value parsed as YAML); repeatable")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, args.set, cls=config_cls)
-    except ValueError as exc:
-        parser.error(str(exc))
-    result = trainer_cls(config).run()
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

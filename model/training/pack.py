@@ -1,13 +1,13 @@
 """A training pack: a subset of a training mix in one small ``.npz`` that travels to an accelerator.
 
 The sets and their weights are a training config's ``datasets`` (``configs/mix.yaml``, the same
-mix ``model.train`` uses on CPU); ``pack_max_images`` and ``pack_tile`` say how each is cut down.
+mix ``model.training.train`` uses on CPU); ``pack_max_images`` and ``pack_tile`` say how each is cut down.
 Every image is resized to a long side of ``side`` px and stored as JPEG; its objects as one PNG
 label map (8- or 16-bit, 0 background). The mix holds training splits only (never a held-out image).
 Large images (WGISD) are cut into tiles first, so that their objects keep a useful size.
 The pack is built here, from ``../shared``, and is never committed: it is data.
 
-    python -m model.pack --config configs/mix.yaml --out runs/pack/train-pack.npz
+    python -m model.training.pack --config configs/mix.yaml --out runs/pack/train-pack.npz
 
 Arrays (``numpy.load(path)``, no pickles):
 - ``image_bytes`` uint8 (total,), ``image_offsets`` int64 (N + 1,): JPEG of image i at offsets[i]:offsets[i+1];
@@ -28,8 +28,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .data import ObjectRef, parse_dataset_spec, read_label_map, read_rgb
-from .train import DatasetConfig, load_config
+from ..data import ObjectRef, parse_dataset_spec, read_label_map, read_rgb
+from .base import load_config
+from .train import DatasetConfig, TrainConfig
 
 
 def _resized(image: np.ndarray, labels: np.ndarray, side: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -175,7 +176,7 @@ def load_pack(path: str | Path, workers: Optional[int] = None) -> Pack:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.pack", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.training.pack", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/mix.yaml", help="a training config: its datasets are packed")
     p.add_argument("--out", default="runs/pack/train-pack.npz")
     p.add_argument("--side", type=int, default=320)
@@ -183,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--budget-mib", type=float, default=46.0)
     args = p.parse_args(argv)
     try:
-        counts = build_pack(load_config(args.config).datasets, Path(args.out), args.side, args.quality, args.budget_mib)
+        counts = build_pack(load_config(args.config, (), TrainConfig).datasets, Path(args.out), args.side, args.quality, args.budget_mib)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     size = Path(args.out).stat().st_size / 2 ** 20

@@ -13,25 +13,28 @@ follow the model's own errors. One untimed warm-up session per setting records
 the click sequence; the timed sessions replay it (the clicker's distance
 transforms stay outside the timings).
 
-    python -m model.benchmark --sizes 640x480,1024x768,4000x3000 --repeats 5 --threads 2 --json bench.json
+    python -m model.evaluation.benchmark --sizes 640x480,1024x768,4000x3000 --repeats 5 --threads 2 --json bench.json
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .clicks import MASK_THRESHOLD, Click, Clicker
+from ..clicks import MASK_THRESHOLD, Click
+from ..predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
+from ..proposals import propose
+from .machine import machine_info
+from .protocol import Clicker
 
 CLICKS_PER_SESSION = 5  # click 1 + later clicks 2..5
 
@@ -168,7 +171,7 @@ def benchmark_recall(predictor, size: Tuple[int, int], repeats: int) -> RecallRo
     ys, xs = np.nonzero(labels == 2)
     click = Click(float(np.median(ys)), float(np.median(xs)))
     state = predictor.encode_image(image)
-    predictor.propose(state, exemplar, [click], predictor.predict(state, [click]))  # warm-up
+    propose(predictor, state, exemplar, [click], predictor.predict(state, [click]))  # warm-up
     clicks, warm, cold, found = [], [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -176,10 +179,10 @@ def benchmark_recall(predictor, size: Tuple[int, int], repeats: int) -> RecallRo
         clicks.append(1000 * (time.perf_counter() - start))
         state.recall_features = None
         start = time.perf_counter()
-        predictor.propose(state, exemplar, [click], prob)
+        propose(predictor, state, exemplar, [click], prob)
         cold.append(1000 * (time.perf_counter() - start))
         start = time.perf_counter()
-        found.append(len(predictor.propose(state, exemplar, [click], prob)))
+        found.append(len(propose(predictor, state, exemplar, [click], prob)))
         warm.append(1000 * (time.perf_counter() - start))
     return RecallRow(f"{size[0]}x{size[1]}", float(np.median(clicks)), float(np.median(warm)),
                      float(np.median(cold)), int(np.median(found)), repeats)
@@ -194,30 +197,6 @@ def format_recall_table(rows: Sequence[RecallRow]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> Dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
 def format_table(rows: Sequence[BenchRow]) -> str:
     header = ["size", "CFR", "first p50", "first p90", "later p50", "later p90", "passes/later"]
     body = [[r.size, r.cfr, f"{r.first_p50_ms:.1f}", f"{r.first_p90_ms:.1f}", f"{r.later_p50_ms:.1f}",
@@ -228,7 +207,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.evaluation.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint path (default: the embedded default)")
     p.add_argument("--sizes", default="640x480,1024x768,4000x3000", help="comma-separated WIDTHxHEIGHT")
     p.add_argument("--repeats", type=int, default=5, help="timed sessions per size and CFR setting")
@@ -240,10 +219,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.repeats < 1 or args.threads < 1 or args.warmup < 1:
         raise SystemExit("--repeats, --threads and --warmup must be >= 1")
     sizes = parse_sizes(args.sizes)
-
-    import torch
-
-    from .predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 
     torch.set_num_threads(args.threads)
     checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)

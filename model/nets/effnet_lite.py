@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clicks import DISK_RADIUS
+from ..clicks import DISK_RADIUS
 from .layers import IMAGE_MEAN, IMAGE_STD, conv_bn_relu
 from .recall import ExemplarRecall
 from .registry import register_model
@@ -66,7 +66,7 @@ class EffNetLiteISeg(nn.Module):
             conv_bn_relu(d, d // 2),
             nn.Conv2d(d // 2, 1, 1),
         )
-        # Optional exemplar recall branch (``model.recall``); it has its own frozen backbone, so
+        # Optional exemplar recall branch (``model.nets.recall``); it has its own frozen backbone, so
         # the segmenter and the branch can be trained separately and shipped in one checkpoint.
         self.recall = ExemplarRecall(variant, recall_channels, recall_refine_channels) if recall_channels else None
 

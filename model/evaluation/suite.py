@@ -1,6 +1,6 @@
 """The evaluation suite: one checkpoint beside the GrabCut baseline on every evaluation set.
 
-Sets (``--data-root`` = ``../shared/data``), each with the standard clicker of ``model.evaluate``
+Sets (``--data-root`` = ``../shared/data``), each with the standard clicker of ``model.evaluation.evaluate``
 (sized so that the suite, GrabCut included, takes about 75 minutes on 2 CPU cores as two processes
 over disjoint ``--sets``; GrabCut takes ~0.5 s per click, the model ~0.1 s):
 
@@ -15,8 +15,8 @@ curves per set) in ``--out-dir``, with the per-set evaluation JSONs beside them.
 baseline run is cached there by what it depends on, so another checkpoint costs the model's time
 only, and an interrupted suite resumes where it stopped.
 
-    python -m model.suite --out-dir artifacts/suite
-    python -m model.suite --checkpoint runs/mix/last.safetensors --out-dir artifacts/suite --label mix
+    python -m model.evaluation.suite --out-dir artifacts/suite
+    python -m model.evaluation.suite --checkpoint runs/mix/last.safetensors --out-dir artifacts/suite --label mix
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from ..data import open_objects
+from ..predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 from .benchmark import machine_info
-from .data import open_objects
 from .evaluate import (BASELINE_TARGET, EvalResult, baseline_run, cached_evaluation, evaluate_objects, noc90_change,
                        safe_filename, versus_baseline)
-from .predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def format_suite_table(label: str, sets: Dict[str, Dict[str, Any]]) -> str:
 
 def plot_suite(label: str, sets: Dict[str, Dict[str, Any]], path: Path) -> Path:
     """mIoU against clicks, one panel per set, model beside baseline."""
-    import matplotlib
+    import matplotlib  # the [eval] extra: only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,13 +124,13 @@ def plot_suite(label: str, sets: Dict[str, Dict[str, Any]], path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.suite", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.evaluation.suite", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint path (default: the embedded default)")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--sets", default=",".join(s.name for s in SUITE), help="comma-separated subset of the sets")
     p.add_argument("--max-objects", type=int, default=None, help="at most N objects per set (a quick look)")
     p.add_argument("--max-clicks", type=int, default=20)
-    p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluate")
+    p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluation.evaluate")
     p.add_argument("--cfr-steps", type=int, default=None, help="CFR refinement steps (default: the predictor's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default=None, help="the model's name in the table (default: the checkpoint's stem)")

@@ -1,7 +1,7 @@
-"""Train the exemplar recall branch with ICL: ``python -m model.train_recall --config configs/recall.yaml``.
+"""Train the exemplar recall branch with ICL: ``python -m model.training.recall --config configs/recall.yaml``.
 
 The segmenter (``init`` checkpoint) is kept as it is; only ``net.recall`` (minus its frozen
-ImageNet backbone) is trained. Each sample is a multi-object ``Scene`` (``model.scenes``):
+ImageNet backbone) is trained. Each sample is a multi-object ``Scene`` (``model.training.scenes``):
 one or two instances are the accepted exemplars, another instance gets one positive click and
 a simulated mask, and the target is *every* instance. Then t in 1..max_rounds rounds: predict,
 add ``beta[r] * loss``, simulate the next click from the recall errors and feed the detached
@@ -20,17 +20,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .clicks import IGNORE_VALUE, Click, encode_click_maps
-from .data import bsds500_refs
-from .effnet_lite import imagenet_state_dict
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..clicks import IGNORE_VALUE, Click, encode_click_maps
+from ..data import bsds500_refs
+from ..nets.effnet_lite import imagenet_state_dict
+from ..nets.recall import RECALL_CLICK_RADIUS
+from ..nets.registry import create_model
+from .base import TrainerBase, command_line, load_config
 from .losses import LOSSES
-from .recall import RECALL_CLICK_RADIUS
-from .registry import create_model
 from .scenes import IGNORE_INSTANCE, Scene, SyntheticScenes, WgisdScenes
-from .train import TrainerBase, command_line, load_config, next_click_from_errors
+from .train import add_error_clicks, batch_iou
 
-log = logging.getLogger("model.train_recall")
+log = logging.getLogger("model.training.recall")
 
 
 @dataclass
@@ -64,7 +65,7 @@ class RecallTrainConfig:
 
 
 def load_recall_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RecallTrainConfig:
-    return load_config(path, overrides, cls=RecallTrainConfig)
+    return load_config(path, overrides, RecallTrainConfig)
 
 
 # --- samples -------------------------------------------------------------------------------------
@@ -243,22 +244,14 @@ class RecallTrainer(TrainerBase):
             total = total + cfg.beta[r] * self.loss_fn(logits, targets).mean()
             prob = torch.sigmoid(logits.detach())
             if r < rounds - 1:
-                pred = (prob[:, 0] > 0.5).cpu().numpy()
-                for i in range(len(clicks)):
-                    nxt = next_click_from_errors(pred[i], targets_np[i], rng)
-                    if nxt is not None:
-                        clicks[i] = clicks[i] + [nxt]
+                add_error_clicks(clicks, (prob[:, 0] > 0.5).cpu().numpy(), targets_np, rng)
                 prev = prob
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        pred = prob[:, 0] > 0.5
-        valid = targets[:, 0] != IGNORE_VALUE
-        gt = (targets[:, 0] == 1) & valid
-        iou = ((pred & gt).sum((1, 2)).float() / ((pred & valid) | gt).sum((1, 2)).float().clamp(min=1)).mean()
-        return {"loss": float(total.detach()), "iou": float(iou), "rounds": rounds}
+        return {"loss": float(total.detach()), "iou": batch_iou(prob[:, 0] > 0.5, targets), "rounds": rounds}
 
     def run(self) -> Dict[str, Any]:
         self.run_steps()

@@ -1,8 +1,8 @@
 """ICL fine-tuning in one short accelerator run, with every step's data work on the device.
 
-    python -m model.fast_train --pack runs/pack/train-pack.npz --out-dir $OUT [--set minutes=8.5 ...]
+    python -m model.training.fast_train --pack runs/pack/train-pack.npz --out-dir $OUT [--set minutes=8.5 ...]
 
-The pack (``model.pack``) is decoded once and kept on the device. Each step then draws objects
+The pack (``model.training.pack``) is decoded once and kept on the device. Each step then draws objects
 by set weight and does, as batched tensor work on the device: the object-centric crop (scale
 jitter, flip) with ``affine_grid``, SUEM copy-paste (paste onto another image, occlude, merge,
 blend), colour jitter, the initial clicks, the ICL rounds (β-weighted loss per round, the next
@@ -30,14 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_checkpoint, resolve_device, save_checkpoint
+from ..clicks import DISK_RADIUS, IGNORE_VALUE, MASK_THRESHOLD
 from .augment import AugmentConfig
-from .checkpoint import load_checkpoint, resolve_device, save_checkpoint
-from .clicks import DISK_RADIUS, IGNORE_VALUE, MASK_THRESHOLD
+from .base import load_config
 from .losses import normalized_focal_loss
 from .pack import Pack, load_pack
-from .train import backbone_parameters, load_config, set_train_mode
+from .train import backbone_parameters, set_train_mode
 
-log = logging.getLogger("model.fast_train")
+log = logging.getLogger("model.training.fast_train")
 
 
 @dataclass
@@ -329,7 +330,7 @@ class FastTrainer:
         return {"loss": float(total.detach()), "iou": float(iou), "rounds": rounds, "lr": lr}
 
     def save(self, elapsed: float) -> Path:
-        meta = {"trainer": "model.fast_train", "steps": self.step, "seconds": round(elapsed, 1),
+        meta = {"trainer": "model.training.fast_train", "steps": self.step, "seconds": round(elapsed, 1),
                 "config": asdict(self.config), "init": self.config.init}
         return save_checkpoint(self.net, self.out_dir / CHECKPOINT_NAME, meta=meta, half=True)
 
@@ -361,9 +362,9 @@ class FastTrainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.fast_train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m model.training.fast_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config file (keys of FastConfig)")
-    parser.add_argument("--pack", help="the training pack (model.pack)")
+    parser.add_argument("--pack", help="the training pack (model.training.pack)")
     parser.add_argument("--out-dir")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Multi-object evaluation of exemplar recall (MOIS): ``python -m model.evaluate_mois``.
+"""Multi-object evaluation of exemplar recall (MOIS): ``python -m model.evaluation.evaluate_mois``.
 
 Per image with at least two instances (order: seeded shuffle):
 1. object 1 is clicked with the standard clicker until IoU >= 0.90 (or ``max_clicks``); its
@@ -9,7 +9,7 @@ Per image with at least two instances (order: seeded shuffle):
    NoC from scratch; every unmatched proposal costs 1 action (a deletion).
 Objects 1 and 2 cost their NoC. "Without recall" is the sum of every object's NoC.
 
-    python -m model.evaluate_mois --dataset ../shared/data/wgisd-dev --out-dir artifacts/mois
+    python -m model.evaluation.evaluate_mois --dataset ../shared/data/wgisd-dev --out-dir artifacts/mois
 
 ``--oracle`` needs no model: it bounds what proposals made as connected components of a recall
 map can reach at all, with a perfect map of all instances (touching instances merge), what
@@ -27,15 +27,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
-from .clicks import Clicker, iou
-from .data import read_label_map, read_rgb
-from .evaluate import noc
-from .predictor import DEFAULT_CHECKPOINT, MASK_THRESHOLD, ClickSegPredictor
-from .recall import PROPOSAL_MIN_SCORE
+from ..clicks import MASK_THRESHOLD
+from ..data import read_label_map, read_rgb
+from ..predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
+from ..proposals import PROPOSAL_MIN_SCORE, propose
+from ..transforms import shrink_map
+from .protocol import Clicker, iou, noc
 
-log = logging.getLogger("model.evaluate_mois")
+log = logging.getLogger("model.evaluation.evaluate_mois")
 THRESHOLDS = (0.85, 0.90)
 CORE_FRACTION = 0.15  # --oracle: instance cores, share of the largest inner distance
 
@@ -118,10 +121,10 @@ def evaluate_image(predictor: ClickSegPredictor, image: np.ndarray, labels: np.n
     for min_score in min_scores:
         state.recall_features = None
         started = time.perf_counter()
-        predictor.propose(state, exemplar, [first], object_prob, min_score=min_score, min_area=min_area)
+        propose(predictor, state, exemplar, [first], object_prob, min_score=min_score, min_area=min_area)
         cold_ms = (time.perf_counter() - started) * 1000
         started = time.perf_counter()
-        proposals = predictor.propose(state, exemplar, [first], object_prob, min_score=min_score, min_area=min_area)
+        proposals = propose(predictor, state, exemplar, [first], object_prob, min_score=min_score, min_area=min_area)
         warm_ms = (time.perf_counter() - started) * 1000
         matched, false, without, with_recall = {}, {}, {}, {}
         for t in THRESHOLDS:
@@ -217,10 +220,6 @@ def oracle_bounds(labels: np.ndarray, recall_input_size: int = 768,
     split by perfect instance cores (``instance_cores``, ``split_by_cores``), as an
     instance-aware recall head would. Counts, and ``instances``.
     """
-    import torch
-    import torch.nn.functional as F
-    from .predictor import _shrink_map
-
     height, width = labels.shape
     scale = recall_input_size / max(height, width)
     grid = (max(1, round(height * scale / 4)), max(1, round(width * scale / 4)))
@@ -230,8 +229,8 @@ def oracle_bounds(labels: np.ndarray, recall_input_size: int = 768,
         return up[0, 0].numpy() >= 0.5
 
     components, _ = ndimage.label(labels > 0)
-    core_segments = split_by_cores(_shrink_map(labels > 0, grid) >= 0.5,
-                                   _shrink_map(instance_cores(labels, core_fraction), grid) >= 0.5)
+    core_segments = split_by_cores(shrink_map(labels > 0, grid) >= 0.5,
+                                   shrink_map(instance_cores(labels, core_fraction), grid) >= 0.5)
     segments = [regrow((core_segments == k).astype(np.float32)) for k in range(1, int(core_segments.max()) + 1)]
     counts = {"instances": 0.0, **{f"{kind}@{t:.2f}": 0.0 for kind in ("components", "grid", "cores") for t in thresholds}}
     for value in np.unique(labels):
@@ -240,7 +239,7 @@ def oracle_bounds(labels: np.ndarray, recall_input_size: int = 768,
         gt = labels == value
         counts["instances"] += 1
         best = components == np.bincount(components[gt]).argmax()
-        regrown = regrow(_shrink_map(gt, grid))
+        regrown = regrow(shrink_map(gt, grid))
         best_segment = max((iou(segment, gt) for segment in segments), default=0.0)
         for t in thresholds:
             counts[f"components@{t:.2f}"] += iou(best, gt) >= t
@@ -311,7 +310,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(text)
         return 0
     if args.threads:
-        import torch
         torch.set_num_threads(args.threads)
     try:
         predictor = ClickSegPredictor.from_checkpoint(args.checkpoint)

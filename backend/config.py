@@ -206,7 +206,7 @@ class Settings:
             device=_device(env.get("DEVICE", "auto")),
             cfr_steps=_int(env, "CFR_STEPS", 2, minimum=0),
             workers=_int(env, "WORKERS", 1, minimum=1),
-            threads=_int(env, "THREADS", 4, minimum=1),
+            threads=_int(env, "THREADS", 16, minimum=1),
             log_level=log_level,
             host=(env.get("HOST") or "0.0.0.0").strip(),
             port=_int(env, "PORT", 9090, minimum=1),

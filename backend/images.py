@@ -58,6 +58,7 @@ LABEL_STUDIO_MEDIA_PREFIXES = ("/data/upload/", "/storage-data/")
 LOCAL_FILES_PREFIX = "/data/local-files"
 _PRESIGN_PATH = re.compile(r"^/(tasks|projects)/\d+/(presign|resolve)/?$")
 MAX_REDIRECTS = 5
+DECODE_SLOTS = 4  # images one ImageFetcher decodes at once (their pixels are the memory peak)
 ACCESS_TOKEN_MARGIN_S = 30.0  # refresh this long before an access token's `exp`
 ACCESS_TOKEN_DEFAULT_TTL_S = 240.0  # when the access token carries no `exp` (Label Studio's live 5 min)
 _CHUNK_BYTES = 1 << 16
@@ -356,6 +357,7 @@ class ImageFetcher:
         self.settings = settings
         self._session = session or requests.Session()
         self._lock = threading.Lock()
+        self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self._setup_access_token = settings.setup_access_token
         self._access_tokens: dict[str, tuple[str, float]] = {}  # PAT -> (access token, refresh after)
         self._preferred_key: str | None = None  # the key that last worked
@@ -381,7 +383,8 @@ class ImageFetcher:
         Raises ImageAccessError naming the URL and the reason.
         """
         data, content_type = self._fetch(url, task_id, project_id)
-        return decode_image(data, url, content_type, self.settings.max_image_pixels)
+        with self._decode_slots:  # downloads overlap freely; decoding (CPU and memory) a few at a time
+            return decode_image(data, url, content_type, self.settings.max_image_pixels)
 
     # --- routing -------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from .exemplars import ExemplarStore, SQLiteExemplarStore, StoreError, project_k
 from .images import ImageFetcher
 from .interactive import InteractivePipeline, InteractiveRequest, normalized_project
 from .model_thread import ModelThread
-from .payload import bad_request, parse_label_config
+from .payload import BRUSH_TAG, bad_request, parse_label_config
 from .redis_state import RedisExemplarStore
 from .training_jobs import JobManager, ProjectModels
 
@@ -157,7 +157,7 @@ class ClickSegModel:
         """Remember the project's label config and Label Studio's legacy token (a fallback for images)."""
         if schema:
             config = parse_label_config(schema)
-            if not any(c.tag == "BrushLabels" for c in config.controls.values()):
+            if not any(c.tag == BRUSH_TAG for c in config.controls.values()):
                 log.warning("the label config has no BrushLabels control; interactive requests will fail",
                             extra={"project": str(project)})
             key = request_project(project)
@@ -228,7 +228,12 @@ class ClickSegModel:
         TRAIN_EVERY_N_ANNOTATIONS, start a job every N new annotations."""
         self.check_webhook(event, data)
         if event in TRAINING_EVENTS:
-            return {"status": self.jobs.start(project_key(data.get("project")), trigger=event).status}
+            project = project_key(data.get("project"))
+            if not self._knows_project(project, data):
+                raise bad_request(f"{event} for project {project}, which this backend has not seen: connect the "
+                                  "model in the project's settings (Label Studio then calls /setup), or send the "
+                                  "webhook as Label Studio does, with the project's label_config")
+            return {"status": self.jobs.start(project, trigger=event).status}
         changes = regions_from_webhook(data)
         if changes is None:
             return {"status": "ignored"}
@@ -239,11 +244,29 @@ class ClickSegModel:
             except (ValueError, StoreError) as exc:
                 log.error("exemplar store update failed", extra={"event": event, "reason": str(exc)})
         status = "ok"
-        if event in CREATED_EVENTS:
+        if event in CREATED_EVENTS and self._knows_project(changes.project, data):
             created = sum(1 for task in changes.tasks for regions in task.sources.values() if regions)
             if self.jobs.count_annotations(changes.project, created):
                 status = "ok; training started"
         return {"status": status}
+
+    def _knows_project(self, project: str, data: Mapping[str, Any]) -> bool:
+        """Whether ``project`` may get training files in MODEL_DIR: seen through /setup, or described
+        by the webhook itself as Label Studio sends it (a label config with a BrushLabels control)."""
+        for seen in list(self._label_configs):  # keys as /setup sent them ("1.1795419391")
+            try:
+                if project_key(seen) == project:
+                    return True
+            except ValueError:
+                continue
+        described = data.get("project")
+        if not isinstance(described, Mapping) or not isinstance(described.get("label_config"), str):
+            return False
+        try:
+            config = parse_label_config(described["label_config"])
+        except BackendError:
+            return False
+        return any(control.tag == BRUSH_TAG for control in config.controls.values())
 
     # --- batch -----------------------------------------------------------------------------------
 

@@ -474,5 +474,5 @@ def start_training_body(project_id: int = PROJECT_ID) -> dict:
 def annotation_created_body(task: dict, annotation_entry: dict) -> dict:
     """ANNOTATION_CREATED as Label Studio 1.23.2 sends it (shared/reference, trimmed)."""
     return {"action": "ANNOTATION_CREATED", "annotation": annotation_entry,
-            "project": {"id": task["project"], "title": "textures"},
+            "project": {"id": task["project"], "title": "textures", "label_config": LABEL_CONFIG},
             "task": {k: task[k] for k in ("id", "data", "meta", "created_at", "updated_at", "project")}}

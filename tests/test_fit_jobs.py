@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from support import (API_KEY, FakeLabelStudioApi, annotation, annotation_created_body, brush_annotation, fit_settings,
-                     keypoint, make_pat, post, serve, small_checkpoint, start_training_body, texture_scene)
+from support import (API_KEY, LABEL_CONFIG, FakeLabelStudioApi, annotation, annotation_created_body, brush_annotation,
+                     fit_settings, keypoint, make_pat, post, serve, setup_body, small_checkpoint, start_training_body,
+                     texture_scene)
 
 from backend.app import create_app
 from backend.config import Settings
@@ -141,6 +142,33 @@ def test_project_directories_are_bounded(tmp_path, monkeypatch):
     assert not jobs.count_annotations("5", 2)
     assert jobs.projects() == ["1", "2", "3"]  # nothing created for 4 or 5
     assert "LABEL_STUDIO_URL" in jobs.start("2", "START_TRAINING").status  # known projects still answer
+
+
+def test_training_files_only_for_projects_the_backend_has_seen(checkpoint, tmp_path):
+    """START_TRAINING and annotation counting keep files only for projects seen through /setup or
+    described by the webhook as Label Studio sends it (with a label config that has a brush)."""
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "CHECKPOINT": str(checkpoint), "LOG_LEVEL": "ERROR",
+                                  "TRAIN_EVERY_N_ANNOTATIONS": "100"})
+    no_brush = LABEL_CONFIG.replace("BrushLabels", "PolygonLabels")
+    with serve(create_app(settings, ClickSegModel(settings))) as url:
+        for project in ({"id": 7}, {"id": 8, "label_config": no_brush}, {"id": 9, "label_config": "<View"}):
+            refused = post(f"{url}/webhook", {"action": "START_TRAINING", "project": project})
+            assert refused.status_code == 400 and "has not seen" in refused.json()["error"], refused.text
+        task = {"id": 3, "project": 11, "data": {"image": "/data/upload/1/a.png"}, "meta": {}, "created_at": "",
+                "updated_at": ""}
+        counted = annotation_created_body(task, brush_annotation([np.ones((8, 8), bool)]))
+        counted["annotation"].update(id=5, task=3)
+        invented = {**counted, "project": {"id": 12, "title": "made up"}}
+        invented["task"] = {**counted["task"], "project": 12}
+        assert post(f"{url}/webhook", invented).status_code == 201
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []  # nothing for 7, 8, 9 or 12
+        assert post(f"{url}/webhook", counted).status_code == 201  # Label Studio's shape: counted
+        assert post(f"{url}/setup", {**setup_body(), "project": "13.1795419391"}).status_code == 200
+        seen = post(f"{url}/webhook", {"action": "START_TRAINING", "project": {"id": 13}})
+        assert seen.status_code == 201 and "LABEL_STUDIO_URL" in seen.json()["status"]  # accepted, then fails
+        described = post(f"{url}/webhook", start_training_body(14))
+        assert described.status_code == 201, described.text
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["11", "13", "14"]
 
 
 @pytest.mark.parametrize("body, fragment", [

@@ -12,7 +12,7 @@ from model.predictor import DEFAULT_CHECKPOINT
 def test_defaults_serve_the_embedded_checkpoint():
     settings = Settings.from_env({})
     assert settings.checkpoint == DEFAULT_CHECKPOINT
-    assert (settings.device, settings.cfr_steps, settings.workers, settings.threads) == ("auto", 2, 1, 4)
+    assert (settings.device, settings.cfr_steps, settings.workers, settings.threads) == ("auto", 2, 1, 16)
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 9090, "INFO")
     assert settings.session_cache_bytes == 1 << 30 and not settings.auth_enabled
     assert settings.image_access.max_image_pixels == 50_000_000

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -394,8 +396,6 @@ def test_gunicorn_serves_the_wsgi_app_with_json_logs(label_studio, checkpoint, t
 def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path):
     """Four connections stuck in their headers or body, with two threads: /health still answers
     once REQUEST_READ_TIMEOUT has passed, and the stuck connections are closed."""
-    import socket
-
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "CHECKPOINT": str(checkpoint), "WORKERS": "1",
            "THREADS": "2", "DEVICE": "cpu", "LOG_LEVEL": "WARNING", "REQUEST_READ_TIMEOUT": "2",
@@ -436,6 +436,109 @@ def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path
     finally:
         for conn in stuck:
             conn.close()
+        process.terminate()
+        process.wait(30)
+
+
+class TricklingImageSource:
+    """A raw loopback HTTP server that answers every request with an image's headers, then one
+    byte every ``interval`` seconds (a slow image source)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+                while not self.stopped.wait(self.interval):
+                    conn.sendall(b"\0")
+            except OSError:
+                return
+
+    def close(self):
+        self.stopped.set()
+        self.listener.close()
+
+
+@pytest.mark.slow
+def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_studio, checkpoint, tmp_path):
+    """The embedded default's settings (THREADS, REQUEST_READ_TIMEOUT) with 8 slow clients at once:
+    3 trickling their headers, 3 trickling a body, 2 clicks on an image whose source trickles.
+    /health and a normal click on another task still answer within 2 s each."""
+    source = TricklingImageSource()
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key not in ("THREADS", "REQUEST_READ_TIMEOUT")}
+    env.update({"PORT": str(port), "HOST": "127.0.0.1", "CHECKPOINT": str(checkpoint), "WORKERS": "1",
+                "DEVICE": "cpu", "LOG_LEVEL": "WARNING", "MODEL_DIR": str(tmp_path / "model_dir"),
+                "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": API_KEY,
+                "ALLOWED_IMAGE_HOSTS": f"127.0.0.1:{source.port}"})
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    with open(tmp_path / "gunicorn.log", "w") as log:
+        process = subprocess.Popen([str(gunicorn), "-c", "backend/gunicorn.conf.py", "backend.wsgi:app"],
+                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    slow, stop = [], threading.Event()
+    base = f"http://127.0.0.1:{port}"
+
+    def trickle(conn, data: bytes):
+        for i in range(len(data)):
+            if stop.wait(0.5):
+                return
+            try:
+                conn.sendall(data[i:i + 1])
+            except OSError:
+                return
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert requests.get(f"{base}/health", timeout=5).status_code == 200
+                break
+            except (requests.ConnectionError, requests.Timeout):
+                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
+                time.sleep(0.5)
+        assert requests.post(f"{base}/predict", json=interactive([pixel_keypoint(80, 60)]), timeout=120).ok  # warm
+        body = json.dumps(interactive([pixel_keypoint(80, 60)])).encode()
+        for request in [b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" * 3] * 3 + \
+                       [b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body] * 3:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+            split = request.index(b"\r\n") + 2 if b"Content-Length" not in request else request.index(b"\r\n\r\n") + 4
+            conn.sendall(request[:split])
+            threading.Thread(target=trickle, args=(conn, request[split:]), daemon=True).start()
+            slow.append(conn)
+        slow_image = interactive([pixel_keypoint(80, 60)], task_id=7, image=f"http://127.0.0.1:{source.port}/slow.png")
+        for _ in range(2):
+            threading.Thread(target=requests.post, args=(f"{base}/predict",),
+                             kwargs={"json": slow_image, "timeout": 60}, daemon=True).start()
+        time.sleep(1.0)  # every slow client now holds its thread
+        started = time.monotonic()
+        assert requests.get(f"{base}/health", timeout=10).status_code == 200
+        health_s = time.monotonic() - started
+        started = time.monotonic()
+        click = requests.post(f"{base}/predict", json=interactive([pixel_keypoint(60, 50)], task_id=3), timeout=10)
+        click_s = time.monotonic() - started
+        assert click.status_code == 200, click.text
+        assert health_s < 2 and click_s < 2, (health_s, click_s)
+    finally:
+        stop.set()
+        for conn in slow:
+            conn.close()
+        source.close()
         process.terminate()
         process.wait(30)
 

@@ -21,6 +21,12 @@ size (each task its own session); every 50 tasks it prints the process's RSS and
 the session cache's bytes against ``SESSION_CACHE_BYTES``:
 
     SESSION_CACHE_BYTES=268435456 python -m backend.benchmark --memory-tasks 300 --sizes 2048x1365
+
+``--hostile`` measures what hostile payloads cost instead, on a task of the first size: each
+request's status, time and extra peak memory (Python and numpy allocations, ``tracemalloc``),
+beside a normal click:
+
+    python -m backend.benchmark --hostile --sizes 640x480
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+import tracemalloc
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -189,6 +196,59 @@ def memory_run(size: Tuple[int, int], tasks: int, checkpoint: Optional[str] = No
     return lines
 
 
+def _brush(mask: np.ndarray, region_id: str, width: int, height: int) -> Dict[str, Any]:
+    """A brush region of ``mask``'s RLE that declares ``width`` x ``height`` (the attack: a size it does not have)."""
+    return {"original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]},
+            "id": region_id, "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual"}
+
+
+def hostile_run(size: Tuple[int, int], checkpoint: Optional[str] = None) -> List[str]:
+    """Table lines: status, ms and extra peak MiB of each hostile request, after a normal click."""
+    image, labels = synthetic_scene(*size, objects=RECALL_SCENE_OBJECTS)
+    height, width = labels.shape
+    ys, xs = np.nonzero(labels == 2)
+    row, col = float(np.median(ys)), float(np.median(xs))
+    small = np.zeros((64, 64), bool)
+    small[8:40, 8:40] = True
+
+    def predict(task_id: int, clicks: List[Dict[str, Any]], drafts: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+        task = {"id": task_id, "project": 1, "data": {"image": IMAGE_URL}, "annotations": [],
+                "drafts": [{"id": 1, "result": list(drafts), "task": task_id}] if drafts else []}
+        return {"tasks": [task], "project": PROJECT, "label_config": LABEL_CONFIG,
+                "params": {"context": {"result": clicks}}}
+
+    many = [_keypoint(row + (k % 21 - 10), col + (k // 21 % 21 - 10), height, width, f"kp{k}") for k in range(10_000)]
+    cases = [
+        ("a normal click", "/predict", predict(1, [_keypoint(row, col, height, width, "kp")])),
+        (f"a valid draft region of {width} x {height} (decoded)", "/predict",
+         predict(7, [_keypoint(row, col, height, width, "kp")], [_brush(labels == 1, "fine", width, height)])),
+        ("a draft region declaring 32768 x 32768 (2^30 px)", "/predict",
+         predict(2, [_keypoint(row, col, height, width, "kp")], [_brush(small, "big", 32768, 32768)])),
+        (f"a draft region declaring the image's {width} x {height}, RLE of 64 x 64", "/predict",
+         predict(3, [_keypoint(row, col, height, width, "kp")], [_brush(small, "odd", width, height)])),
+        ("an ANNOTATION_CREATED region of 16384 x 16384", "/webhook", {
+            "action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": LABEL_CONFIG},
+            "task": {"id": 5, "project": 1, "data": {"image": IMAGE_URL}},
+            "annotation": {"id": 5, "task": 5, "result": [_brush(small, "huge", 16384, 16384)]}}),
+        ("10,000 keypoints in one context", "/predict", predict(6, many)),
+    ]
+    lines = [f"{'request':<62} status       ms   extra peak MiB"]
+    with tempfile.TemporaryDirectory() as model_dir:
+        _, _, client = _serving(image, model_dir, checkpoint)
+        client.post("/predict", json=predict(99, [_keypoint(row, col, height, width, "kp")]))  # load the model
+        for name, path, body in cases:
+            tracemalloc.start()
+            started = time.perf_counter()
+            response = client.post(path, json=body)
+            elapsed = 1000 * (time.perf_counter() - started)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            lines.append(f"{name:<62} {response.status_code:6d} {elapsed:8.0f}   {peak / 2**20:14.1f}")
+            print("  " + lines[-1], file=sys.stderr)
+    return lines
+
+
 def format_table(rows: Sequence[EndToEndRow]) -> str:
     lines = ["size        /predict p50 (ms)  with recall p50 (ms)  added   proposals"]
     for r in rows:
@@ -204,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--memory-tasks", type=int, default=0,
                    help="measure memory over this many tasks (one click each) on the first size instead")
+    p.add_argument("--hostile", action="store_true",
+                   help="measure the time and extra peak memory of hostile payloads on the first size instead")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("--repeats and --threads must be >= 1")
@@ -213,6 +275,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--memory-tasks must be >= 0")
     if args.memory_tasks:
         print("\n".join(memory_run(parse_sizes(args.sizes)[0], args.memory_tasks, args.checkpoint)))
+        return 0
+    if args.hostile:
+        print("\n".join(hostile_run(parse_sizes(args.sizes)[0], args.checkpoint)))
         return 0
     rows: List[EndToEndRow] = []
     for size in parse_sizes(args.sizes):

@@ -111,3 +111,17 @@ def test_the_memory_benchmark_keeps_the_session_cache_within_its_budget(monkeypa
         cache_mib, budget = float(line.split()[3]), line.split()[4]
         assert budget == "(4)" and cache_mib <= 4
         assert 0 < int(line.split()[-1]) < 12  # older sessions were evicted
+
+
+@pytest.mark.slow
+def test_the_hostile_payload_benchmark_prints_each_case_within_200_mib():
+    """`backend.benchmark --hostile`: every case answered (2xx or 4xx), none above 200 MiB of extra peak."""
+    from backend.benchmark import hostile_run
+
+    lines = hostile_run((160, 120))
+    assert lines[0].startswith("request") and len(lines) == 7
+    for line in lines[1:]:
+        status, peak_mib = int(line.split()[-3]), float(line.split()[-1])
+        assert 200 <= status < 500 and peak_mib < 200, line
+    decoded = next(line for line in lines if "(decoded)" in line)
+    assert float(decoded.split()[-1]) > 0.05  # the measure sees a real decode (160 x 120 RGBA)

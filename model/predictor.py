@@ -133,7 +133,8 @@ class ClickSegPredictor:
         """Decode-side work done once per image: working copy + full-view features."""
         image = validate_image(image)
         h, w = image.shape[:2]
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        # in place: a 50-megapixel image holds one float copy (600 MB), not two
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
         tensor = resize(tensor, working_shape(h, w, self.max_working_side))
         state = ImageState(height=h, width=w, working=tensor)
         full_view = resize(tensor, network_shape(*state.working_size, self.input_size, self.size_multiple))

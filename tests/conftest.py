@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from support import FakeLabelStudioApi, annotation, brush_annotation, free_port, keypoint, serve, texture_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,14 +108,14 @@ def wait_for():
 def backend_processes(tmp_path):
     """``start(env) -> base URL``: a gunicorn backend process on a free loopback port, up and answering
     /health; all of them are stopped at the end of the test (their logs: ``tmp_path/backend-<port>.log``)."""
-    import requests
-
     started = []
 
-    def start(env: dict, timeout: float = 180.0) -> str:
+    def start(env: dict, timeout: float = 180.0, unset: tuple = ()) -> str:
+        """``env`` over this process's environment, without the variables named in ``unset``."""
         port = free_port()
         log_path = tmp_path / f"backend-{port}.log"
-        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
+        full_env = {**{k: v for k, v in os.environ.items() if k not in unset}, "HOST": "127.0.0.1", "PORT": str(port),
+                    **env}
         with open(log_path, "w") as log:
             server = subprocess.Popen([str(Path(sys.executable).with_name("gunicorn")), "-c",
                                        "backend/gunicorn.conf.py", "backend.wsgi:app"],

@@ -393,28 +393,15 @@ def test_gunicorn_serves_the_wsgi_app_with_json_logs(label_studio, checkpoint, t
 
 
 @pytest.mark.slow
-def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path):
+def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path, backend_processes):
     """Four connections stuck in their headers or body, with two threads: /health still answers
     once REQUEST_READ_TIMEOUT has passed, and the stuck connections are closed."""
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "CHECKPOINT": str(checkpoint), "WORKERS": "1",
-           "THREADS": "2", "DEVICE": "cpu", "LOG_LEVEL": "WARNING", "REQUEST_READ_TIMEOUT": "2",
-           "MODEL_DIR": str(tmp_path / "model_dir")}
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    with open(tmp_path / "gunicorn.log", "w") as log:
-        process = subprocess.Popen([str(gunicorn), "-c", "backend/gunicorn.conf.py", "backend.wsgi:app"],
-                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = backend_processes({"CHECKPOINT": str(checkpoint), "WORKERS": "1", "THREADS": "2", "DEVICE": "cpu",
+                              "LOG_LEVEL": "WARNING", "REQUEST_READ_TIMEOUT": "2",
+                              "MODEL_DIR": str(tmp_path / "model_dir")})
+    port = int(base.rsplit(":", 1)[1])
     stuck = []
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                assert requests.get(f"{base}/health", timeout=5).status_code == 200
-                break
-            except (requests.ConnectionError, requests.Timeout):
-                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
-                time.sleep(0.5)
         for partial in (b"POST /predict HTTP/1.1\r\nHost: x\r\n", b"GET /health HTTP/1.1\r\nHo",
                         b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
                         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):  # the last: a TLS ClientHello
@@ -436,8 +423,6 @@ def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path
     finally:
         for conn in stuck:
             conn.close()
-        process.terminate()
-        process.wait(30)
 
 
 class TricklingImageSource:
@@ -475,23 +460,18 @@ class TricklingImageSource:
 
 
 @pytest.mark.slow
-def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_studio, checkpoint, tmp_path):
+def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_studio, checkpoint, tmp_path,
+                                                                          backend_processes):
     """The embedded default's settings (THREADS, REQUEST_READ_TIMEOUT) with 8 slow clients at once:
     3 trickling their headers, 3 trickling a body, 2 clicks on an image whose source trickles.
     /health and a normal click on another task still answer within 2 s each."""
     source = TricklingImageSource()
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if key not in ("THREADS", "REQUEST_READ_TIMEOUT")}
-    env.update({"PORT": str(port), "HOST": "127.0.0.1", "CHECKPOINT": str(checkpoint), "WORKERS": "1",
-                "DEVICE": "cpu", "LOG_LEVEL": "WARNING", "MODEL_DIR": str(tmp_path / "model_dir"),
-                "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": API_KEY,
-                "ALLOWED_IMAGE_HOSTS": f"127.0.0.1:{source.port}"})
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    with open(tmp_path / "gunicorn.log", "w") as log:
-        process = subprocess.Popen([str(gunicorn), "-c", "backend/gunicorn.conf.py", "backend.wsgi:app"],
-                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = backend_processes({"CHECKPOINT": str(checkpoint), "WORKERS": "1", "DEVICE": "cpu", "LOG_LEVEL": "WARNING",
+                              "MODEL_DIR": str(tmp_path / "model_dir"), "LABEL_STUDIO_URL": label_studio.url,
+                              "LABEL_STUDIO_API_KEY": API_KEY, "ALLOWED_IMAGE_HOSTS": f"127.0.0.1:{source.port}"},
+                             unset=("THREADS", "REQUEST_READ_TIMEOUT"))
+    port = int(base.rsplit(":", 1)[1])
     slow, stop = [], threading.Event()
-    base = f"http://127.0.0.1:{port}"
 
     def trickle(conn, data: bytes):
         for i in range(len(data)):
@@ -503,14 +483,6 @@ def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_
                 return
 
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                assert requests.get(f"{base}/health", timeout=5).status_code == 200
-                break
-            except (requests.ConnectionError, requests.Timeout):
-                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
-                time.sleep(0.5)
         assert requests.post(f"{base}/predict", json=interactive([pixel_keypoint(80, 60)]), timeout=120).ok  # warm
         body = json.dumps(interactive([pixel_keypoint(80, 60)])).encode()
         for request in [b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" * 3] * 3 + \
@@ -539,8 +511,6 @@ def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_
         for conn in slow:
             conn.close()
         source.close()
-        process.terminate()
-        process.wait(30)
 
 
 @pytest.mark.slow

@@ -47,7 +47,8 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
-from urllib3.util import parse_url
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry, parse_url
 
 from backend.errors import ImageAccessError
 
@@ -59,6 +60,12 @@ LOCAL_FILES_PREFIX = "/data/local-files"
 _PRESIGN_PATH = re.compile(r"^/(tasks|projects)/\d+/(presign|resolve)/?$")
 MAX_REDIRECTS = 5
 DECODE_SLOTS = 4  # images one ImageFetcher decodes at once (their pixels are the memory peak)
+# A refused connection or a 5xx is tried twice more, at once then 0.5 s later (never a read that
+# failed half-way, never a POST, and never after a Retry-After the server chose).
+DOWNLOAD_RETRY = Retry(total=2, connect=2, read=0, status=2, other=0, backoff_factor=0.25,
+                       status_forcelist=(500, 502, 503, 504), allowed_methods=frozenset({"GET"}),
+                       respect_retry_after_header=False, raise_on_status=False)
+CONNECT_TIMEOUT_S = 5.0  # per connection attempt (the download's own timeout bounds each read and the body)
 ACCESS_TOKEN_MARGIN_S = 30.0  # refresh this long before an access token's `exp`
 ACCESS_TOKEN_DEFAULT_TTL_S = 240.0  # when the access token carries no `exp` (Label Studio's live 5 min)
 _CHUNK_BYTES = 1 << 16
@@ -355,7 +362,11 @@ class ImageFetcher:
 
     def __init__(self, settings: ImageAccessSettings, session: requests.Session | None = None) -> None:
         self.settings = settings
-        self._session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, HTTPAdapter(max_retries=DOWNLOAD_RETRY))
+        self._session = session
         self._lock = threading.Lock()
         self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self._setup_access_token = settings.setup_access_token
@@ -641,8 +652,8 @@ class ImageFetcher:
             headers = {"Authorization": authorization} if authorization and on_label_studio else {}
             try:
                 response = self._session.get(
-                    target.url, headers=headers, stream=True, allow_redirects=False, timeout=self.settings.timeout
-                )
+                    target.url, headers=headers, stream=True, allow_redirects=False,
+                    timeout=(min(CONNECT_TIMEOUT_S, self.settings.timeout), self.settings.timeout))
             except requests.Timeout:
                 raise ImageAccessError(
                     url, f"{target.netloc} did not answer within {self.settings.timeout} s", status=504

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 from PIL import Image
+from support import free_port
 
 from backend.errors import BackendError, ImageAccessError
 from backend.images import ImageAccessSettings, ImageFetcher, looks_like_jwt, parse_http_url
@@ -699,3 +700,28 @@ def test_a_trickling_source_is_cut_off_at_the_timeout_for_the_whole_download():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_connection_errors_and_5xx_are_retried_twice_with_backoff(other):
+    """A source that fails twice with 503 then answers is fetched; one that always fails is tried 3
+    times (at once, then 0.5 s later) and reported with its status; a 404 is not retried."""
+    image = sample_image()
+    answers = iter([(503, {}, b"busy"), (502, {}, b"bad gateway"), (200, {"Content-Type": "image/png"}, png_bytes(image))])
+    other.routes["/flaky.png"] = lambda request: next(answers)
+    other.routes["/down.png"] = lambda request: (503, {"Retry-After": "3600"}, b"busy")
+    fetcher = fetcher_for(None, allowed_image_hosts=[other.url.split("//")[1]])
+    assert np.array_equal(fetcher.fetch(f"{other.url}/flaky.png"), image)
+    assert [r["path"] for r in other.requests].count("/flaky.png") == 3
+    started = time.monotonic()
+    with pytest.raises(ImageAccessError, match="503") as error:
+        fetcher.fetch(f"{other.url}/down.png")
+    assert error.value.status == 502 and 0.4 <= time.monotonic() - started < 5  # Retry-After: 3600 is not obeyed
+    assert [r["path"] for r in other.requests].count("/down.png") == 3
+    with pytest.raises(ImageAccessError):
+        fetcher.fetch(f"{other.url}/missing.png")
+    assert [r["path"] for r in other.requests].count("/missing.png") == 1
+    closed = free_port()  # nothing listens there: refused three times
+    started = time.monotonic()
+    with pytest.raises(ImageAccessError, match="cannot connect"):
+        fetcher_for(None, allowed_image_hosts=[f"127.0.0.1:{closed}"]).fetch(f"http://127.0.0.1:{closed}/x.png")
+    assert time.monotonic() - started < 5

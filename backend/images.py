@@ -46,6 +46,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
+import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry, parse_url
@@ -62,7 +63,7 @@ MAX_REDIRECTS = 5
 DECODE_SLOTS = 4  # images one ImageFetcher decodes at once (their pixels are the memory peak)
 # A refused connection or a 5xx is tried twice more, at once then 0.5 s later (never a read that
 # failed half-way, never a POST, and never after a Retry-After the server chose).
-DOWNLOAD_RETRY = Retry(total=2, connect=2, read=0, status=2, other=0, backoff_factor=0.25,
+DOWNLOAD_RETRY = Retry(total=2, connect=2, read=False, status=2, other=0, backoff_factor=0.25,
                        status_forcelist=(500, 502, 503, 504), allowed_methods=frozenset({"GET"}),
                        respect_retry_after_header=False, raise_on_status=False)
 CONNECT_TIMEOUT_S = 5.0  # per connection attempt (the download's own timeout bounds each read and the body)
@@ -365,7 +366,7 @@ class ImageFetcher:
         if session is None:
             session = requests.Session()
             for scheme in ("http://", "https://"):
-                session.mount(scheme, HTTPAdapter(max_retries=DOWNLOAD_RETRY))
+                session.mount(scheme, _DownloadAdapter(max_retries=DOWNLOAD_RETRY))
         self._session = session
         self._lock = threading.Lock()
         self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -718,6 +719,61 @@ def _response_socket(response: requests.Response) -> socket.socket | None:
         return connection_socket
     body_file = getattr(getattr(response.raw, "_fp", None), "fp", None)
     return getattr(getattr(body_file, "raw", None), "_sock", None)
+
+
+class _HeadersDeadline:
+    """For urllib3 connections: the status line and headers must arrive within the read timeout in
+    all, not per read, so a source that trickles its headers cannot hold a thread (the body has
+    ``DownloadDeadline``). Past it the socket is shut and the request ends as a read timeout."""
+
+    def getresponse(self):
+        seconds = self.timeout if isinstance(self.timeout, (int, float)) and self.sock is not None else None
+        if not seconds:
+            return super().getresponse()
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        timer = threading.Timer(seconds, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            return super().getresponse()
+        except Exception:
+            if expired.is_set():
+                raise socket.timeout(f"no response headers within {seconds:g} s") from None
+            raise
+        finally:
+            timer.cancel()
+
+
+class _HTTPConnection(_HeadersDeadline, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_HeadersDeadline, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _DownloadAdapter(HTTPAdapter):
+    """requests' adapter whose connections bound the wait for response headers (``_HeadersDeadline``)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
 class DownloadDeadline:

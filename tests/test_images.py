@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -725,3 +726,33 @@ def test_connection_errors_and_5xx_are_retried_twice_with_backoff(other):
     with pytest.raises(ImageAccessError, match="cannot connect"):
         fetcher_for(None, allowed_image_hosts=[f"127.0.0.1:{closed}"]).fetch(f"http://127.0.0.1:{closed}/x.png")
     assert time.monotonic() - started < 5
+
+
+def test_a_source_trickling_its_headers_is_cut_off_at_the_timeout():
+    """Headers sent a byte every 0.2 s never trip a per-read timeout; the wait for them stops at `timeout`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stopped = threading.Event()
+
+    def serve_one():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Slow: " + b"x" * 1000:
+                if stopped.wait(0.2):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    try:
+        fetcher = fetcher_for(None, allowed_image_hosts=[f"127.0.0.1:{port}"], timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(ImageAccessError, match="did not answer within 1") as error:
+            fetcher.fetch(f"http://127.0.0.1:{port}/slow-headers.png")
+        assert error.value.status == 504 and time.monotonic() - started < 3
+    finally:
+        stopped.set()
+        listener.close()

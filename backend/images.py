@@ -61,12 +61,15 @@ LOCAL_FILES_PREFIX = "/data/local-files"
 _PRESIGN_PATH = re.compile(r"^/(tasks|projects)/\d+/(presign|resolve)/?$")
 MAX_REDIRECTS = 5
 DECODE_SLOTS = 4  # images one ImageFetcher decodes at once (their pixels are the memory peak)
-# A refused connection or a 5xx is tried twice more, at once then 0.5 s later (never a read that
-# failed half-way, never a POST, and never after a Retry-After the server chose).
-DOWNLOAD_RETRY = Retry(total=2, connect=2, read=False, status=2, other=0, backoff_factor=0.25,
-                       status_forcelist=(500, 502, 503, 504), allowed_methods=frozenset({"GET"}),
-                       respect_retry_after_header=False, raise_on_status=False)
+# A refused connection is tried twice more by urllib3 (at once, then 0.5 s later); a 5xx twice more by
+# ``_download`` itself, after closing the answer unread (urllib3 would read its body first, unbounded).
+# Never a read that failed half-way, and never a POST.
+DOWNLOAD_RETRY = Retry(total=2, connect=2, read=False, status=0, other=0, backoff_factor=0.25,
+                       allowed_methods=frozenset({"GET"}), raise_on_status=False)
+RETRIED_STATUSES = (500, 502, 503, 504)
+STATUS_RETRY_DELAYS_S = (0.25, 0.5)  # before the second and third try of a 5xx (a Retry-After is not obeyed)
 CONNECT_TIMEOUT_S = 5.0  # per connection attempt (the download's own timeout bounds each read and the body)
+POOL_CONNECTIONS = 32  # kept-alive connections per host: more than THREADS' default
 ACCESS_TOKEN_MARGIN_S = 30.0  # refresh this long before an access token's `exp`
 ACCESS_TOKEN_DEFAULT_TTL_S = 240.0  # when the access token carries no `exp` (Label Studio's live 5 min)
 _CHUNK_BYTES = 1 << 16
@@ -366,7 +369,7 @@ class ImageFetcher:
         if session is None:
             session = requests.Session()
             for scheme in ("http://", "https://"):
-                session.mount(scheme, _DownloadAdapter(max_retries=DOWNLOAD_RETRY))
+                session.mount(scheme, _DownloadAdapter(max_retries=DOWNLOAD_RETRY, pool_maxsize=POOL_CONNECTIONS))
         self._session = session
         self._lock = threading.Lock()
         self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -651,6 +654,22 @@ class ImageFetcher:
         for _ in range(MAX_REDIRECTS + 1):
             on_label_studio = self._on_label_studio(target)
             headers = {"Authorization": authorization} if authorization and on_label_studio else {}
+            response = self._get(target, headers, url, on_label_studio)
+            if not response.is_redirect:
+                return response
+            location = urljoin(target.url, response.headers["Location"])
+            response.close()
+            try:
+                target = parse_http_url(location)
+            except ValueError as exc:
+                raise ImageAccessError(url, f"redirected to an unusable URL: {exc}", status=502) from None
+            if not trusted and not self.settings.host_allowed(target):
+                raise self._host_error(url, target)
+        raise ImageAccessError(url, f"more than {MAX_REDIRECTS} redirects", status=502)
+
+    def _get(self, target: HttpTarget, headers: Mapping[str, str], url: str, on_label_studio: bool) -> requests.Response:
+        """One hop: the streamed, unread response; a 5xx is closed unread and tried again (RETRIED_STATUSES)."""
+        for delay in (*STATUS_RETRY_DELAYS_S, None):
             try:
                 response = self._session.get(
                     target.url, headers=headers, stream=True, allow_redirects=False,
@@ -664,17 +683,11 @@ class ImageFetcher:
                 raise ImageAccessError(
                     url, f"cannot connect to {target.netloc}{hint}: {type(exc).__name__}", status=502
                 ) from None
-            if not response.is_redirect:
+            if response.status_code not in RETRIED_STATUSES or delay is None:
                 return response
-            location = urljoin(target.url, response.headers["Location"])
-            response.close()
-            try:
-                target = parse_http_url(location)
-            except ValueError as exc:
-                raise ImageAccessError(url, f"redirected to an unusable URL: {exc}", status=502) from None
-            if not trusted and not self.settings.host_allowed(target):
-                raise self._host_error(url, target)
-        raise ImageAccessError(url, f"more than {MAX_REDIRECTS} redirects", status=502)
+            response.close()  # unread: its body may be endless
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _read(self, response: requests.Response, url: str) -> tuple[bytes, str | None]:
         """Body of a final response, at most max_download_bytes, or an ImageAccessError."""
@@ -743,13 +756,17 @@ class _HeadersDeadline:
         timer.daemon = True
         timer.start()
         try:
-            return super().getresponse()
+            response = super().getresponse()
         except Exception:
             if expired.is_set():
                 raise socket.timeout(f"no response headers within {seconds:g} s") from None
             raise
         finally:
             timer.cancel()
+        if expired.is_set():  # the cut ended the headers early (http.client reads EOF as their end)
+            response.close()
+            raise socket.timeout(f"no response headers within {seconds:g} s")
+        return response
 
 
 class _HTTPConnection(_HeadersDeadline, urllib3.connection.HTTPConnection):
@@ -774,6 +791,12 @@ class _DownloadAdapter(HTTPAdapter):
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):  # behind an HTTP(S)_PROXY too (SOCKS keeps its own pools)
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, urllib3.ProxyManager):
+            manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return manager
 
 
 class DownloadDeadline:

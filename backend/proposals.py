@@ -1,7 +1,7 @@
 """Exemplar recall proposals in the interactive flow: other objects like the accepted ones.
 
 The first click of a new object, on a task with accepted regions of the clicked label, asks the
-model (``ClickSegPredictor.propose``) for other objects like them; ``ObjectProposals`` keeps
+model (``model.proposals.propose``) for other objects like them; ``ObjectProposals`` keeps
 the answer in the object's ``ClickHistory`` so that refining clicks return the same regions
 (same ids), minus what accepted regions or the object itself now cover. Proposals never
 cover accepted pixels and never take an accepted region's id.

@@ -20,8 +20,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
-from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from model.boxes import Box, check_box
@@ -259,6 +257,10 @@ def _benchmark_mask(height: int = 3000, width: int = 4000, seed: int = 0) -> np.
 
 
 def _benchmark() -> None:
+    # the SDK's converter takes ~1.7 s to import; only this comparison needs it, never serving
+    from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
+    from label_studio_sdk.converter.brush import mask2rle
+
     def best_ms(fn, repeat):
         times = []
         for _ in range(repeat):

@@ -756,3 +756,21 @@ def test_a_source_trickling_its_headers_is_cut_off_at_the_timeout():
     finally:
         stopped.set()
         listener.close()
+
+
+def test_a_5xx_with_an_endless_body_is_retried_without_reading_it(other):
+    """The retries close a 5xx answer unread: a 503 whose body trickles forever cannot hold the thread."""
+    def endless_503(request):
+        def chunks():
+            for _ in range(10_000):
+                time.sleep(0.3)
+                yield b"x"
+        return 503, {"Content-Length": "1000000000"}, chunks()
+
+    other.routes["/busy.png"] = endless_503
+    fetcher = fetcher_for(None, allowed_image_hosts=[other.url.split("//")[1]], timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(ImageAccessError, match="503"):
+        fetcher.fetch(f"{other.url}/busy.png")
+    assert time.monotonic() - started < 4
+    assert [r["path"] for r in other.requests].count("/busy.png") == 3

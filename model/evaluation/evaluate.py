@@ -190,7 +190,7 @@ def load_run(path: str | Path) -> Run:
     except FileNotFoundError as exc:
         raise ValueError(f"--compare: {path} does not exist") from exc
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"--compare: {path} is not an evaluation JSON written by model.evaluate ({exc})") from exc
+        raise ValueError(f"--compare: {path} is not an evaluation JSON written by model.evaluation.evaluate ({exc})") from exc
     return Run(label, summary)
 
 

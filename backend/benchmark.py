@@ -81,13 +81,18 @@ def _keypoint(row: float, col: float, height: int, width: int, region_id: str) -
     }
 
 
-def _body(clicks: List[Dict[str, Any]], accepted: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Task 1 has blob 1 accepted in a draft; task 2 (same image) has no region."""
-    task_id = 1 if accepted else 2
-    drafts = [{"id": 1, "user": "bench@example.com", "result": [accepted], "task": task_id}] if accepted else []
-    task = {"id": task_id, "project": 1, "data": {"image": IMAGE_URL}, "annotations": [], "drafts": drafts}
+def _predict_body(task_id: int, clicks: List[Dict[str, Any]], draft: Sequence[Dict[str, Any]] = (),
+                  image: str = IMAGE_URL) -> Dict[str, Any]:
+    """An interactive /predict of one task with ``clicks`` in the context and ``draft`` regions saved in a draft."""
+    drafts = [{"id": 1, "user": "bench@example.com", "result": list(draft), "task": task_id}] if draft else []
+    task = {"id": task_id, "project": 1, "data": {"image": image}, "annotations": [], "drafts": drafts}
     return {"tasks": [task], "project": PROJECT, "label_config": LABEL_CONFIG,
             "params": {"context": {"result": clicks}}}
+
+
+def _body(clicks: List[Dict[str, Any]], accepted: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Task 1 has blob 1 accepted in a draft; task 2 (same image) has no region."""
+    return _predict_body(1, clicks, [accepted]) if accepted else _predict_body(2, clicks)
 
 
 @dataclass
@@ -181,11 +186,7 @@ def memory_run(size: Tuple[int, int], tasks: int, checkpoint: Optional[str] = No
         cache = service.interactive.sessions.cache
         for task_id in range(1, tasks + 1):
             click = _keypoint(float(np.median(ys)), float(np.median(xs)), height, width, f"kp{task_id}")
-            task = {"id": task_id, "project": 1, "data": {"image": f"/data/upload/1/{task_id}.png"},
-                    "annotations": [], "drafts": []}
-            body = {"tasks": [task], "project": PROJECT, "label_config": LABEL_CONFIG,
-                    "params": {"context": {"result": [click]}}}
-            response = client.post("/predict", json=body)
+            response = client.post("/predict", json=_predict_body(task_id, [click], image=f"/data/upload/1/{task_id}.png"))
             if response.status_code != 200:
                 raise RuntimeError(f"/predict answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
             if task_id % every == 0 or task_id == tasks:
@@ -212,31 +213,25 @@ def hostile_run(size: Tuple[int, int], checkpoint: Optional[str] = None) -> List
     small = np.zeros((64, 64), bool)
     small[8:40, 8:40] = True
 
-    def predict(task_id: int, clicks: List[Dict[str, Any]], drafts: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
-        task = {"id": task_id, "project": 1, "data": {"image": IMAGE_URL}, "annotations": [],
-                "drafts": [{"id": 1, "result": list(drafts), "task": task_id}] if drafts else []}
-        return {"tasks": [task], "project": PROJECT, "label_config": LABEL_CONFIG,
-                "params": {"context": {"result": clicks}}}
-
     many = [_keypoint(row + (k % 21 - 10), col + (k // 21 % 21 - 10), height, width, f"kp{k}") for k in range(10_000)]
     cases = [
-        ("a normal click", "/predict", predict(1, [_keypoint(row, col, height, width, "kp")])),
+        ("a normal click", "/predict", _predict_body(1, [_keypoint(row, col, height, width, "kp")])),
         (f"a valid draft region of {width} x {height} (decoded)", "/predict",
-         predict(7, [_keypoint(row, col, height, width, "kp")], [_brush(labels == 1, "fine", width, height)])),
+         _predict_body(7, [_keypoint(row, col, height, width, "kp")], [_brush(labels == 1, "fine", width, height)])),
         ("a draft region declaring 32768 x 32768 (2^30 px)", "/predict",
-         predict(2, [_keypoint(row, col, height, width, "kp")], [_brush(small, "big", 32768, 32768)])),
+         _predict_body(2, [_keypoint(row, col, height, width, "kp")], [_brush(small, "big", 32768, 32768)])),
         (f"a draft region declaring the image's {width} x {height}, RLE of 64 x 64", "/predict",
-         predict(3, [_keypoint(row, col, height, width, "kp")], [_brush(small, "odd", width, height)])),
+         _predict_body(3, [_keypoint(row, col, height, width, "kp")], [_brush(small, "odd", width, height)])),
         ("an ANNOTATION_CREATED region of 16384 x 16384", "/webhook", {
             "action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": LABEL_CONFIG},
             "task": {"id": 5, "project": 1, "data": {"image": IMAGE_URL}},
             "annotation": {"id": 5, "task": 5, "result": [_brush(small, "huge", 16384, 16384)]}}),
-        ("10,000 keypoints in one context", "/predict", predict(6, many)),
+        ("10,000 keypoints in one context", "/predict", _predict_body(6, many)),
     ]
     lines = [f"{'request':<62} status       ms   extra peak MiB"]
     with tempfile.TemporaryDirectory() as model_dir:
         _, _, client = _serving(image, model_dir, checkpoint)
-        client.post("/predict", json=predict(99, [_keypoint(row, col, height, width, "kp")]))  # load the model
+        client.post("/predict", json=_predict_body(99, [_keypoint(row, col, height, width, "kp")]))  # load the model
         for name, path, body in cases:
             tracemalloc.start()
             started = time.perf_counter()

@@ -50,6 +50,11 @@ class LabelConfig:
     controls: Mapping[str, Control]
     image_fields: Mapping[str, str]  # Image tag name -> task data key ("$image" -> "image")
 
+    @property
+    def has_brush(self) -> bool:
+        """Whether a BrushLabels control exists (where the masks go)."""
+        return any(c.tag == BRUSH_TAG for c in self.controls.values())
+
     def prompt_control(self, name: str, result_type: str) -> Control:
         """The smart control a context item came from, checked against its ``type``."""
         control = self.controls.get(name)

@@ -33,7 +33,7 @@ from .exemplars import ExemplarStore, SQLiteExemplarStore, StoreError, project_k
 from .images import ImageFetcher
 from .interactive import InteractivePipeline, InteractiveRequest, normalized_project
 from .model_thread import ModelThread
-from .payload import BRUSH_TAG, bad_request, parse_label_config
+from .payload import bad_request, parse_label_config
 from .redis_state import RedisExemplarStore
 from .training_jobs import JobManager, ProjectModels
 
@@ -157,7 +157,7 @@ class ClickSegModel:
         """Remember the project's label config and Label Studio's legacy token (a fallback for images)."""
         if schema:
             config = parse_label_config(schema)
-            if not any(c.tag == BRUSH_TAG for c in config.controls.values()):
+            if not config.has_brush:
                 log.warning("the label config has no BrushLabels control; interactive requests will fail",
                             extra={"project": str(project)})
             key = request_project(project)
@@ -253,20 +253,15 @@ class ClickSegModel:
     def _knows_project(self, project: str, data: Mapping[str, Any]) -> bool:
         """Whether ``project`` may get training files in MODEL_DIR: seen through /setup, or described
         by the webhook itself as Label Studio sends it (a label config with a BrushLabels control)."""
-        for seen in list(self._label_configs):  # keys as /setup sent them ("1.1795419391")
-            try:
-                if project_key(seen) == project:
-                    return True
-            except ValueError:
-                continue
+        if any(normalized_project(seen) == project for seen in list(self._label_configs)):  # keys as /setup sent them
+            return True
         described = data.get("project")
         if not isinstance(described, Mapping) or not isinstance(described.get("label_config"), str):
             return False
         try:
-            config = parse_label_config(described["label_config"])
+            return parse_label_config(described["label_config"]).has_brush
         except BackendError:
             return False
-        return any(control.tag == BRUSH_TAG for control in config.controls.values())
 
     # --- batch -----------------------------------------------------------------------------------
 

@@ -45,6 +45,12 @@ class ImageState:
         return int(self.working.shape[-2]), int(self.working.shape[-1])
 
     @property
+    def working_scale(self) -> Tuple[float, float]:
+        """(sy, sx): working pixels per image pixel."""
+        wh, ww = self.working_size
+        return wh / self.height, ww / self.width
+
+    @property
     def nbytes(self) -> int:
         total = self.working.numel() * self.working.element_size()
         for t in (self.full_view_prepared, self.full_view_flipped, self.last_output_working):
@@ -228,8 +234,8 @@ class ClickSegPredictor:
 
         zoom = None
         if self.zoom_in and len(clicks) > 1:
-            scale = (state.working_size[0] / state.height, state.working_size[1] / state.width)
-            zoom = ZoomIn.around(state.working_size, scale, clicks, prev_working, self.zoom_expansion, self.zoom_min_crop)
+            zoom = ZoomIn.around(state.working_size, state.working_scale, clicks, prev_working, self.zoom_expansion,
+                                 self.zoom_min_crop)
         use_cfr = self.cfr_clicks is None or len(clicks) <= self.cfr_clicks
         prob_view = self._predict_view(state, zoom, clicks, prev_working, self.cfr_steps if use_cfr else 0)
         if zoom is None:
@@ -280,8 +286,8 @@ class ClickSegPredictor:
             state.full_view_flipped = prepared_flipped
 
         # full image pixel -> working pixel -> input pixel (pixel centres preserved)
-        scale, rescale = (wh / state.height, ww / state.width), (ih / view_h, iw / view_w)
-        view_clicks = [map_click(c, scale, offset, rescale) for c in clicks]
+        rescale = (ih / view_h, iw / view_w)
+        view_clicks = [map_click(c, state.working_scale, offset, rescale) for c in clicks]
         mask = None
         if prev_working is not None:
             mask = resize(prev_working if zoom is None else zoom.crop(prev_working), (ih, iw))

@@ -51,11 +51,6 @@ def continuous_to_click(x: float, y: float, height: int, width: int, is_positive
     return Click(centred(y, height), centred(x, width), is_positive)
 
 
-def click_to_continuous(click: Click) -> Tuple[float, float]:
-    """The inverse of ``continuous_to_click`` inside the image: (x, y) of the pixel centre."""
-    return click.x + 0.5, click.y + 0.5
-
-
 # --- maps --------------------------------------------------------------------------------------
 
 

@@ -26,9 +26,8 @@ log = logging.getLogger(__name__)
 # --- configuration ----------------------------------------------------------------------------
 
 
-def _list_item_type(cls, key: str) -> Optional[type]:
-    """The dataclass of the items of ``cls.key`` when it is annotated ``List[<dataclass>]``."""
-    hint = typing.get_type_hints(cls).get(key)
+def _list_item_type(hint: Any) -> Optional[type]:
+    """The dataclass of the items of a field annotated ``List[<dataclass>]``, else None."""
     args = typing.get_args(hint) if typing.get_origin(hint) is list else ()
     return args[0] if args and dataclasses.is_dataclass(args[0]) else None
 
@@ -38,6 +37,7 @@ def _build_dataclass(cls, data: Dict[str, Any], path: str = ""):
     if not isinstance(data, dict):
         raise ValueError(f"config {path or 'root'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         name = f"{path}.{key}" if path else key
@@ -46,8 +46,7 @@ def _build_dataclass(cls, data: Dict[str, Any], path: str = ""):
         default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
         if dataclasses.is_dataclass(default):
             value = _build_dataclass(type(default), value, name)
-        elif _list_item_type(cls, key) is not None:
-            item = _list_item_type(cls, key)
+        elif (item := _list_item_type(hints.get(key))) is not None:
             value = [_build_dataclass(item, d, f"{name}[{i}]") for i, d in enumerate(value)]
         elif isinstance(default, tuple):
             value = tuple(value)

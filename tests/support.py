@@ -56,6 +56,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class TricklingServer:
+    """A raw loopback server that answers every connection with ``head`` at once, then ``tail`` one
+    byte every ``interval`` seconds (a slow image source, or one that trickles its headers)."""
+
+    def __init__(self, head: bytes, tail: bytes, interval: float):
+        self.head, self.tail, self.interval = head, tail, interval
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(self.head)
+                for i in range(len(self.tail)):
+                    if self.stopped.wait(self.interval):
+                        return
+                    conn.sendall(self.tail[i:i + 1])
+            except OSError:
+                return
+
+    def close(self):
+        self.stopped.set()
+        self.listener.close()
+
+
 @contextlib.contextmanager
 def serve(wsgi_app) -> Iterator[str]:
     """Run ``wsgi_app`` on 127.0.0.1 (a free port) in a thread; yields its base URL."""

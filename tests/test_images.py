@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 from PIL import Image
-from support import free_port
+from support import TricklingServer, free_port
 
 from backend.errors import BackendError, ImageAccessError
 from backend.images import ImageAccessSettings, ImageFetcher, looks_like_jwt, parse_http_url
@@ -735,28 +734,11 @@ def test_connection_errors_and_5xx_are_retried_twice_with_backoff(other):
 
 def test_a_source_trickling_its_headers_is_cut_off_at_the_timeout():
     """Headers sent a byte every 0.2 s never trip a per-read timeout; the wait for them stops at `timeout`."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    stopped = threading.Event()
-
-    def serve_one():
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Slow: " + b"x" * 1000:
-                if stopped.wait(0.2):
-                    return
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-
-    threading.Thread(target=serve_one, daemon=True).start()
+    source = TricklingServer(b"", b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Slow: " + b"x" * 1000, interval=0.2)
     try:
-        _assert_a_504_within_3_s(port, "/slow-headers.png", "did not answer within 1")
+        _assert_a_504_within_3_s(source.port, "/slow-headers.png", "did not answer within 1")
     finally:
-        stopped.set()
-        listener.close()
+        source.close()
 
 
 def test_a_5xx_with_an_endless_body_is_retried_without_reading_it(other):

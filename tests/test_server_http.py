@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from support import (API_KEY, FakeLabelStudio, batch_task, decode_region, free_port, interactive_task, keypoint,
-                     pixel_keypoint, png_bytes, post, predict_body, rectangle, serve, setup_body, webhook_body)
+from support import (API_KEY, FakeLabelStudio, TricklingServer, batch_task, decode_region, free_port, interactive_task,
+                     keypoint, pixel_keypoint, png_bytes, post, predict_body, rectangle, serve, setup_body,
+                     webhook_body)
 
 from backend.app import create_app
 from backend.config import Settings
@@ -425,47 +426,14 @@ def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path
             conn.close()
 
 
-class TricklingImageSource:
-    """A raw loopback HTTP server that answers every request with an image's headers, then one
-    byte every ``interval`` seconds (a slow image source)."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval = interval
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.stopped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn):
-        with conn:
-            try:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
-                while not self.stopped.wait(self.interval):
-                    conn.sendall(b"\0")
-            except OSError:
-                return
-
-    def close(self):
-        self.stopped.set()
-        self.listener.close()
-
-
 @pytest.mark.slow
 def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_studio, checkpoint, tmp_path,
                                                                           backend_processes):
     """The embedded default's settings (THREADS, REQUEST_READ_TIMEOUT) with 8 slow clients at once:
     3 trickling their headers, 3 trickling a body, 2 clicks on an image whose source trickles.
     /health and a normal click on another task still answer within 2 s each."""
-    source = TricklingImageSource()
+    source = TricklingServer(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n",
+                             b"\0" * 100000, interval=0.5)  # a slow image source
     base = backend_processes({"CHECKPOINT": str(checkpoint), "WORKERS": "1", "DEVICE": "cpu", "LOG_LEVEL": "WARNING",
                               "MODEL_DIR": str(tmp_path / "model_dir"), "LABEL_STUDIO_URL": label_studio.url,
                               "LABEL_STUDIO_API_KEY": API_KEY, "ALLOWED_IMAGE_HOSTS": f"127.0.0.1:{source.port}"},

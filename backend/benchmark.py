@@ -27,11 +27,18 @@ request's status, time and extra peak memory (Python and numpy allocations, ``tr
 beside a normal click:
 
     python -m backend.benchmark --hostile --sizes 640x480
+
+``--decode`` measures what one image costs to decode and encode, JPEG and PNG, each in a fresh
+process: as ``/predict`` decodes it (a JPEG of at least twice the model's working side at a reduced
+DCT scale) and at full size, with the time of each step and the extra peak RSS:
+
+    python -m backend.benchmark --decode --sizes 4000x3000,7000x5250
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,11 +48,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from model.evaluation.benchmark import RECALL_SCENE_OBJECTS, machine_info, parse_sizes, synthetic_scene
+from model.predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 
 from .app import create_app
 from .config import Settings
+from .images import DecodedImage, decode_image
 from .rle import mask_to_rle
 from .service import ClickSegModel
 
@@ -67,8 +77,8 @@ class SceneFetcher:
     def set_setup_access_token(self, token):
         pass
 
-    def fetch(self, url, task_id=None, project_id=None):
-        return self.image
+    def fetch_decoded(self, url, task_id=None, project_id=None, min_side=None) -> DecodedImage:
+        return DecodedImage(self.image, *self.image.shape[:2])
 
 
 def _keypoint(row: float, col: float, height: int, width: int, region_id: str) -> Dict[str, Any]:
@@ -244,6 +254,62 @@ def hostile_run(size: Tuple[int, int], checkpoint: Optional[str] = None) -> List
     return lines
 
 
+DECODE_FORMATS = ("JPEG", "PNG")
+
+
+def reset_peak_rss() -> None:
+    """Sets this process's peak RSS (VmHWM) to its current RSS (Linux /proc), so the next peak is
+    what follows alone."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def decode_one(path: str, reduced: bool, checkpoint: Optional[str] = None) -> str:
+    """One table line: the image file at ``path`` decoded as ``/predict`` decodes it (or at full size)
+    and encoded by the predictor; ms of each and the peak RSS above the loaded model. Run in a fresh
+    process, so the peak is this image's alone."""
+    with open(path, "rb") as file:
+        data = file.read()
+    predictor = ClickSegPredictor.from_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
+    predictor.encode_image(np.zeros((64, 64, 3), np.uint8))  # warm: lazy allocations are not the image's
+    reset_peak_rss()
+    before, _ = rss_mib()
+    started = time.perf_counter()
+    decoded = decode_image(data, "benchmark", None, 10**9, predictor.max_working_side if reduced else None)
+    decoded_at = time.perf_counter()
+    predictor.encode_image(decoded.pixels, (decoded.height, decoded.width))
+    encoded_at = time.perf_counter()
+    _, peak = rss_mib()
+    pixels = f"{decoded.pixels.shape[1]}x{decoded.pixels.shape[0]}"
+    return (f"{'as /predict' if reduced else 'full size':<12}{pixels:>10}  {1000 * (decoded_at - started):9.0f}"
+            f"  {1000 * (encoded_at - decoded_at):9.0f}  {peak - before:14.0f}")
+
+
+def decode_run(sizes: Sequence[Tuple[int, int]], checkpoint: Optional[str] = None) -> List[str]:
+    """Table lines of ``decode_one`` for every format and size, as /predict and at full size. The
+    images are made and saved here, so their making is in no measured process."""
+    lines = ["format size       MiB  decoded      pixels  decode ms  encode ms  extra peak MiB"]
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {}
+        for size in sizes:
+            image, _ = synthetic_scene(*size, objects=RECALL_SCENE_OBJECTS)
+            for fmt in DECODE_FORMATS:
+                paths[fmt, size] = os.path.join(folder, f"{size[0]}x{size[1]}.{fmt.lower()}")
+                Image.fromarray(image).save(paths[fmt, size], format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+            del image
+        for (fmt, size), path in paths.items():
+            for reduced in (False, True):
+                command = [sys.executable, "-m", "backend.benchmark", "--decode-one", path,
+                           "reduced" if reduced else "full"] + (["--checkpoint", checkpoint] if checkpoint else [])
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{' '.join(command)} failed: {done.stderr[-500:]}")
+                lines.append(f"{fmt:<5} {size[0]}x{size[1]:<6} {os.path.getsize(path) / 2**20:7.1f}  "
+                             + done.stdout.strip().splitlines()[-1])
+                print("  " + lines[-1], file=sys.stderr)
+    return lines
+
+
 def format_table(rows: Sequence[EndToEndRow]) -> str:
     lines = ["size        /predict p50 (ms)  with recall p50 (ms)  added   proposals"]
     for r in rows:
@@ -261,10 +327,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="measure memory over this many tasks (one click each) on the first size instead")
     p.add_argument("--hostile", action="store_true",
                    help="measure the time and extra peak memory of hostile payloads on the first size instead")
+    p.add_argument("--decode", action="store_true",
+                   help="measure decoding and encoding JPEG and PNG images of each size instead (peak RSS each)")
+    p.add_argument("--decode-one", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("--repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
+    if args.decode_one:  # one case of --decode, in its own process
+        path, mode = args.decode_one
+        print(decode_one(path, mode == "reduced", args.checkpoint))
+        return 0
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine_info().items()))
     if args.memory_tasks < 0:
         raise SystemExit("--memory-tasks must be >= 0")
@@ -273,6 +346,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.hostile:
         print("\n".join(hostile_run(parse_sizes(args.sizes)[0], args.checkpoint)))
+        return 0
+    if args.decode:
+        print("\n".join(decode_run(parse_sizes(args.sizes), args.checkpoint)))
         return 0
     rows: List[EndToEndRow] = []
     for size in parse_sizes(args.sizes):

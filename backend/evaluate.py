@@ -41,6 +41,7 @@ from model.evaluation.protocol import Clicker, iou
 
 from .app import create_app
 from .config import Settings
+from .images import DecodedImage
 from .rle import rle_to_mask
 from .service import ClickSegModel
 
@@ -191,8 +192,9 @@ class MemoryFetcher:
     def set_setup_access_token(self, token) -> None:
         pass
 
-    def fetch(self, url, task_id=None, project_id=None) -> np.ndarray:
-        return self.images[url]
+    def fetch_decoded(self, url, task_id=None, project_id=None, min_side=None) -> DecodedImage:
+        """At full size: the evaluation's images are arrays, as ``model.evaluation.evaluate`` reads them."""
+        return DecodedImage(self.images[url], *self.images[url].shape[:2])
 
 
 def wsgi_target(env: Mapping[str, str]) -> Tuple[Post, Callable[[Any], str]]:

@@ -47,7 +47,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import short_repr
-from .rle import rle_to_mask
+from .rle import CHANNELS, rle_to_mask, rle_value_count
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,13 @@ def _brush_region(result: Any, source: str, version: Optional[float], index: int
         rle_bytes = None
     if rle_bytes is None:
         raise ValueError(f"{where} has corrupt RLE (value.rle must be a list of integers 0..255); region skipped")
+    try:
+        declared = rle_value_count(rle_bytes)
+    except ValueError as exc:
+        raise ValueError(f"{where} has corrupt RLE ({exc}); region skipped") from None
+    if declared != width * height * CHANNELS:  # checked here, so no decode is ever sized by a wrong header
+        raise ValueError(f"{where} has an RLE whose header declares {declared} values, but original_width x "
+                         f"original_height = {width} x {height} needs {width * height * CHANNELS}; region skipped")
     labels = value.get("brushlabels") or []
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise ValueError(f"{where} has invalid value.brushlabels {labels!r}; region skipped")

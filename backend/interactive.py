@@ -201,8 +201,10 @@ class InteractivePipeline:
 
     def _open_session(self, predictor: ClickSegPredictor, request: InteractiveRequest) -> TaskSession:
         started = time.perf_counter()
-        image = self.fetcher.fetch(request.image_url, task_id=request.task, project_id=request.task_project_id)
-        state = self._model_thread.run(predictor.encode_image, image)
+        # The model works on at most max_working_side pixels: a large JPEG is decoded reduced to that.
+        image = self.fetcher.fetch_decoded(request.image_url, task_id=request.task, project_id=request.task_project_id,
+                                           min_side=predictor.max_working_side)
+        state = self._model_thread.run(predictor.encode_image, image.pixels, (image.height, image.width))
         log.info("image fetched and encoded", extra={"task": request.task, "width": state.width, "height": state.height,
                                                      "ms": round((time.perf_counter() - started) * 1000, 1)})
         return TaskSession(image_state=state)

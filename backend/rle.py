@@ -173,6 +173,16 @@ def mask_to_rle(mask: np.ndarray, *, box: Box | None = None,
     return _encode_runs(lengths * CHANNELS, run_values.astype(bool) * MASK_VALUE, height * width * CHANNELS)
 
 
+def rle_value_count(rle: bytes) -> int:
+    """The number of values an RLE's header declares (its first 32 bits), without decoding.
+
+    Raises ValueError when ``rle`` is shorter than its 7-byte header.
+    """
+    if len(rle) < 7:
+        raise ValueError(f"RLE must hold at least 7 bytes (its header), got {len(rle)}")
+    return int.from_bytes(rle[:4], "big")
+
+
 def decode_rle(rle: Sequence[int] | np.ndarray) -> np.ndarray:
     """Decode an rle-pack byte list (any header, word size <= 8) to its flat uint8 values (num,).
 

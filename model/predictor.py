@@ -10,6 +10,7 @@ All work happens on a *working* copy of the image whose long side is at most
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
@@ -135,13 +136,25 @@ class ClickSegPredictor:
     # --- per-image work --------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_image(self, image: np.ndarray) -> ImageState:
-        """Decode-side work done once per image: working copy + full-view features."""
+    def encode_image(self, image: np.ndarray, size: Optional[Tuple[int, int]] = None) -> ImageState:
+        """Decode-side work done once per image: working copy + full-view features.
+
+        ``size`` (H, W) is the image's true size when ``image`` is a reduced copy of it (a JPEG
+        decoded at a reduced DCT scale, of the same field of view); clicks and outputs stay in
+        the true size's pixels. None: ``image`` is full size.
+        """
         image = validate_image(image)
-        h, w = image.shape[:2]
-        # in place: a 50-megapixel image holds one float copy (600 MB), not two
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
-        tensor = resize(tensor, working_shape(h, w, self.max_working_side))
+        h, w = image.shape[:2] if size is None else (int(size[0]), int(size[1]))
+        if h < image.shape[0] or w < image.shape[1]:
+            raise ValueError(f"size {w}x{h} is smaller than the image itself ({image.shape[1]}x{image.shape[0]}); "
+                             "size is the true size of a reduced copy")
+        # Shrunk while still uint8 (on the CPU, where uint8 antialiasing is implemented), so a
+        # 50-megapixel image never gets a float copy (600 MB); within 1/255 of shrinking in float.
+        with warnings.catch_warnings():  # a read-only array (a decoded image's) is fine: it is only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = torch.from_numpy(np.ascontiguousarray(image))
+        tensor = resize(pixels.permute(2, 0, 1)[None], working_shape(h, w, self.max_working_side))
+        tensor = tensor.to(self.device).float().div_(255.0)
         state = ImageState(height=h, width=w, working=tensor)
         full_view = resize(tensor, network_shape(*state.working_size, self.input_size, self.size_multiple))
         state.full_view_prepared = self.net.prepare_image(full_view)

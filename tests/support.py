@@ -284,11 +284,13 @@ class ColourRegionPredictor:
     """
 
     model_version = "colour-regions"
+    max_working_side = None  # images are decoded at full size
 
     def __init__(self):
         self.calls: List[Tuple[int, bool]] = []
 
-    def encode_image(self, image: np.ndarray) -> FakeImageState:
+    def encode_image(self, image: np.ndarray, size=None) -> FakeImageState:
+        assert size is None or tuple(size) == image.shape[:2], "the fake works on full-size images only"
         return FakeImageState(image.shape[0], image.shape[1], image)
 
     def predict(self, state: FakeImageState, clicks: Sequence[Click], prev_mask=None) -> np.ndarray:

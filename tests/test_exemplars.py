@@ -288,20 +288,29 @@ def test_corrupt_rle_is_skipped_and_the_rest_kept(store, caplog):
     good = brush("good", disk(5, 5, 3))
     truncated = brush("truncated", disk(12, 12, 6))
     truncated["value"]["rle"] = truncated["value"]["rle"][:9]
-    wrong_count = brush("wrong-count", disk(5, 5, 3, h=10, w=10))  # decodes, but to 10x10 pixels
-    wrong_count["original_width"], wrong_count["original_height"] = W, H
     with caplog.at_level(logging.WARNING, logger="backend.exemplars"):
-        report = store.sync_task(regions_from_task(task([annotation(1, [good, truncated, wrong_count])])),
-                                 image_size=(H, W))
+        report = store.sync_task(regions_from_task(task([annotation(1, [good, truncated])])), image_size=(H, W))
     assert [r.region_id for r in store.accepted_masks(1, 1)] == ["good"]
-    assert len(report.rejected) == 2 and all("corrupt RLE" in m for m in report.rejected)
+    assert len(report.rejected) == 1 and "corrupt RLE" in report.rejected[0]
     assert any("truncated" in r.getMessage() for r in caplog.records)
     # The same corrupt source re-sent is recognised: not decoded or logged again.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="backend.exemplars"):
-        again = store.sync_task(regions_from_task(task([annotation(1, [good, truncated, wrong_count])])),
-                                image_size=(H, W))
+        again = store.sync_task(regions_from_task(task([annotation(1, [good, truncated])])), image_size=(H, W))
     assert again.unchanged == ["annotation:1"] and not caplog.records
+
+
+def test_an_rle_whose_header_disagrees_with_the_declared_size_is_skipped_when_parsed():
+    good = brush("good", disk(5, 5, 3))
+    wrong_count = brush("wrong-count", disk(5, 5, 3, h=10, w=10))  # decodes, but to 10x10 pixels
+    wrong_count["original_width"], wrong_count["original_height"] = W, H
+    header_only = brush("header-only", disk(5, 5, 3))
+    header_only["value"]["rle"] = header_only["value"]["rle"][:3]
+    update = regions_from_task(task([annotation(1, [good, wrong_count, header_only])]))
+    assert [r.region_id for r in update.sources["annotation:1"]] == ["good"]
+    assert any("wrong-count" in p and f"header declares {10 * 10 * 4} values" in p and f"needs {W * H * 4}" in p
+               for p in update.problems)
+    assert any("header-only" in p and "at least 7 bytes" in p for p in update.problems)
 
 
 def test_size_mismatch_is_rejected_with_a_message(store):

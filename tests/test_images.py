@@ -17,7 +17,7 @@ from PIL import Image
 from support import TricklingServer, free_port
 
 from backend.errors import BackendError, ImageAccessError
-from backend.images import ImageAccessSettings, ImageFetcher, looks_like_jwt, parse_http_url
+from backend.images import ImageAccessSettings, ImageFetcher, decode_image, looks_like_jwt, parse_http_url
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, like Label Studio's
 
@@ -581,6 +581,42 @@ def test_exif_orientation_applied_like_browsers(ls):
     expected = np.rot90(stored, k=-1)  # clockwise
     assert np.abs(shown.astype(int) - expected.astype(int)).mean() < 8
     assert shown[:15, :, 0].mean() > 200 and shown[25:, :, 2].mean() > 200
+
+
+def _jpeg(pixels: np.ndarray, orientation: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    rows, cols = np.mgrid[:height, :width]
+    return np.dstack([rows * 255 // height, cols * 255 // width, np.full((height, width), 90)]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("min_side, expected_side", [(1000, 1000), (700, 1000), (400, 500), (300, 500), (2001, 2000)])
+def test_a_large_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_min_side(min_side, expected_side):
+    image = _gradient(1000, 2000)
+    decoded = decode_image(_jpeg(image), "x.jpg", "image/jpeg", 10**8, min_side=min_side)
+    assert (decoded.height, decoded.width) == (1000, 2000)
+    assert decoded.pixels.shape == (expected_side // 2, expected_side, 3) and decoded.pixels.dtype == np.uint8
+    assert decoded.reduced == (expected_side < 2000)
+    # the same field of view: the reduced pixels are the full image scaled down
+    full = np.asarray(Image.fromarray(image).resize((expected_side, expected_side // 2), Image.BILINEAR), dtype=int)
+    assert np.abs(decoded.pixels.astype(int) - full).mean() < 3
+
+
+def test_reduced_decoding_keeps_the_exif_true_size_and_leaves_png_and_unset_min_side_at_full_size():
+    stored = _gradient(1200, 3000)  # shown rotated: 3000 high x 1200 wide
+    rotated = decode_image(_jpeg(stored, orientation=6), "r.jpg", None, 10**8, min_side=750)
+    assert (rotated.height, rotated.width) == (3000, 1200)
+    assert rotated.pixels.shape == (750, 300, 3)  # 1/4: the longer side 750 is still min_side
+    assert decode_image(_jpeg(stored, orientation=6), "r.jpg", None, 10**8).pixels.shape == (3000, 1200, 3)
+    png = decode_image(png_bytes(stored), "p.png", None, 10**8, min_side=750)
+    assert png.pixels.shape == (1200, 3000, 3) and not png.reduced
 
 
 def test_modes_convert_to_rgb(ls):

@@ -84,6 +84,19 @@ def test_large_images_work_at_working_resolution():
     assert prob.shape == (600, 900) and prob[300, 450] > 0.9
 
 
+def test_a_reduced_copy_with_its_true_size_answers_in_the_true_size_pixels():
+    p = ClickSegPredictor(DiskNet(), cfr_steps=0, max_working_side=200)
+    full = image(600, 900)
+    reduced = full[::2, ::2]  # (300, 450), as a JPEG decoded at 1/2
+    state = p.encode_image(reduced, (600, 900))
+    assert (state.height, state.width) == (600, 900)
+    assert state.working_size == p.encode_image(full).working_size == (133, 200)
+    prob = p.predict(state, [Click(500, 100)])
+    assert prob.shape == (600, 900) and prob[500, 100] > 0.9 and prob[100, 800] < 0.1
+    with pytest.raises(ValueError, match="smaller than the image"):
+        p.encode_image(full, (300, 450))
+
+
 @pytest.mark.parametrize(
     "img, clicks, prev, message",
     [

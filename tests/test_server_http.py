@@ -5,6 +5,7 @@ checkpoint is trained (its header's meta.steps > 0), they check sizes and format
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 from support import (API_KEY, FakeLabelStudio, TricklingServer, batch_task, decode_region, free_port, interactive_task,
                      keypoint, pixel_keypoint, png_bytes, post, predict_body, rectangle, serve, setup_body,
                      webhook_body)
@@ -163,10 +165,11 @@ class RecordingPredictor:
     def __init__(self, predictor: ClickSegPredictor):
         self.predictor = predictor
         self.model_version = predictor.model_version
+        self.max_working_side = predictor.max_working_side
         self.calls = []
 
-    def encode_image(self, image):
-        return self.predictor.encode_image(image)
+    def encode_image(self, image, size=None):
+        return self.predictor.encode_image(image, size)
 
     def predict(self, state, clicks, prev_mask=None):
         self.calls.append((list(clicks), prev_mask is not None))
@@ -185,6 +188,33 @@ def test_negative_click_changes_the_mask(label_studio, checkpoint, predictor, tr
     assert recorder.calls[-1] == ([Click(60.0, 80.0, True), Click(40.0, 60.0, False)], True)
     if trained:  # untrained weights barely react to clicks; trained ones must
         assert not np.array_equal(decode_region(first), decode_region(second))
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_answered_at_its_true_size(label_studio, checkpoint, predictor):
+    big = np.asarray(Image.fromarray(SCENE).resize((3000, 2250), Image.BICUBIC))  # the object at [562:1687, 937:2062]
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, format="JPEG", quality=92)
+    label_studio.add("/data/upload/1/big.jpg", buffer.getvalue(), "image/jpeg")
+    encoded = []
+
+    class ShapeRecorder(RecordingPredictor):
+        def encode_image(self, image, size=None):
+            encoded.append((image.shape, size))
+            return super().encode_image(image, size)
+
+    settings = make_settings(label_studio, checkpoint, MAX_IMAGE_BYTES=str(10**7))
+    click = pixel_keypoint(1500, 1125, width=3000, height=2250)
+    with serve(create_app(settings, ClickSegModel(settings, predictor_factory=lambda: ShapeRecorder(predictor)))) as url:
+        response = post(f"{url}/predict", interactive([click], task_id=31, image="/data/upload/1/big.jpg"))
+    assert response.status_code == 200, response.text
+    assert encoded == [((1125, 1500, 3), (2250, 3000))]  # 1/2 still keeps predictor.max_working_side (1280)
+    region = response.json()["results"][0]["result"][0]
+    assert (region["original_width"], region["original_height"]) == (3000, 2250)
+    mask = decode_region(region)
+    full = predictor.predict(predictor.encode_image(np.asarray(Image.open(io.BytesIO(buffer.getvalue())))),
+                             [Click(1125.0, 1500.0)]) > 0.49
+    assert mask.shape == full.shape == (2250, 3000)
+    assert (mask & full).sum() / max(1, (mask | full).sum()) > 0.98  # the model's own answer on the full decode
 
 
 def test_missing_is_positive_means_positive(server):

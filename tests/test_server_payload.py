@@ -1,10 +1,13 @@
 """Label config, context and task parsing: the shapes Label Studio 1.23 sends, and clear 400s."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from support import keypoint
 
 from backend.errors import BackendError
+from backend.exemplars import regions_from_task
+from backend.rle import mask_to_rle
 from backend.payload import current_group, parse_context, parse_label_config, task_image_url
 
 CONFIG = """<View>
@@ -104,12 +107,12 @@ def test_task_image_field_missing_or_empty_is_a_400():
 
 def test_finished_regions_come_from_annotations_and_drafts_with_the_label():
     """Click selection reads the task's regions with the exemplar store's rules (one reader)."""
-    from backend.exemplars import regions_from_task
+    rle = mask_to_rle(np.eye(3, 4, dtype=bool))
 
     def brush(region_id, label, to_name="image"):
         return {"id": region_id, "type": "brushlabels", "to_name": to_name, "from_name": "tag",
                 "original_width": 4, "original_height": 3,
-                "value": {"format": "rle", "rle": [0, 1, 2], "brushlabels": [label]}}
+                "value": {"format": "rle", "rle": rle, "brushlabels": [label]}}
     task = {
         "id": 7, "project": 1,
         "annotations": [{"id": 1, "result": [brush("a1", "Object"), brush("a2", "Car")]},
@@ -119,5 +122,5 @@ def test_finished_regions_come_from_annotations_and_drafts_with_the_label():
     }
     regions = regions_from_task(task).on_image("image", "Object")
     assert [r.region_id for r in regions] == ["a1", "d1"]  # not the cancelled annotation's
-    assert (regions[0].width, regions[0].height, regions[0].rle) == (4, 3, bytes([0, 1, 2]))
+    assert (regions[0].width, regions[0].height, regions[0].rle) == (4, 3, bytes(rle))
     assert [r.region_id for r in regions_from_task(task).on_image("image")] == ["a1", "a2", "d1"]

@@ -285,7 +285,7 @@ def decode_one(path: str, reduced: bool, checkpoint: Optional[str] = None) -> st
             f"  {1000 * (encoded_at - decoded_at):9.0f}  {peak - before:14.0f}")
 
 
-def decode_run(sizes: Sequence[Tuple[int, int]], checkpoint: Optional[str] = None) -> List[str]:
+def decode_run(sizes: Sequence[Tuple[int, int]], checkpoint: Optional[str] = None, threads: int = 2) -> List[str]:
     """Table lines of ``decode_one`` for every format and size, as /predict and at full size. The
     images are made and saved here, so their making is in no measured process."""
     lines = ["format size       MiB  decoded      pixels  decode ms  encode ms  extra peak MiB"]
@@ -299,8 +299,8 @@ def decode_run(sizes: Sequence[Tuple[int, int]], checkpoint: Optional[str] = Non
             del image
         for (fmt, size), path in paths.items():
             for reduced in (False, True):
-                command = [sys.executable, "-m", "backend.benchmark", "--decode-one", path,
-                           "reduced" if reduced else "full"] + (["--checkpoint", checkpoint] if checkpoint else [])
+                command = [sys.executable, "-m", "backend.benchmark", "--decode-one", path, "reduced" if reduced else "full",
+                           "--threads", str(threads)] + (["--checkpoint", checkpoint] if checkpoint else [])
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     raise RuntimeError(f"{' '.join(command)} failed: {done.stderr[-500:]}")
@@ -348,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(hostile_run(parse_sizes(args.sizes)[0], args.checkpoint)))
         return 0
     if args.decode:
-        print("\n".join(decode_run(parse_sizes(args.sizes), args.checkpoint)))
+        print("\n".join(decode_run(parse_sizes(args.sizes), args.checkpoint, args.threads)))
         return 0
     rows: List[EndToEndRow] = []
     for size in parse_sizes(args.sizes):

@@ -47,7 +47,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import numpy as np
 import requests
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry, parse_url
 
@@ -342,9 +342,9 @@ def decode_image(data: bytes, url: str, content_type: str | None, max_pixels: in
     """Decode image bytes to RGB uint8, EXIF orientation applied.
 
     The pixel count is checked from the header before any pixel is decoded. With ``min_side``, a
-    JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose longer side is still at least
-    ``min_side``: 1/4 of the pixels' memory and decode time at 1/2. Other formats, and JPEGs
-    below twice ``min_side``, decode at full size.
+    JPEG (or MPO, a JPEG with embedded previews) is decoded at the smallest DCT scale (1/2, 1/4,
+    1/8) whose longer side is still at least ``min_side``: 1/4 of the pixels' memory and decode
+    time at 1/2. Other formats, and JPEGs below twice ``min_side``, decode at full size.
     Raises ImageAccessError 413 above max_pixels and 422 for bodies that are not images.
     """
     try:
@@ -374,9 +374,10 @@ def decode_image(data: bytes, url: str, content_type: str | None, max_pixels: in
             )
         try:
             transposed = image.getexif().get(EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
-            if min_side is not None and image.format == "JPEG" and max(width, height) >= 2 * min_side:
-                scale = min_side / max(width, height)  # draft keeps both sides at least the requested ones
-                image.draft("RGB", (max(1, int(np.ceil(width * scale))), max(1, int(np.ceil(height * scale)))))
+            drafted = (min_side is not None and isinstance(image, JpegImagePlugin.JpegImageFile)  # MPO too
+                       and max(width, height) >= 2 * min_side)
+            if drafted:  # only the long side is asked for: draft keeps it at least min_side
+                image.draft("RGB", (min_side, 1) if width >= height else (1, min_side))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place, like the RGB check below: no copies of the pixels
             if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey: keep the high byte
@@ -386,6 +387,8 @@ def decode_image(data: bytes, url: str, content_type: str | None, max_pixels: in
                 pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageAccessError(url, f"image data is truncated or corrupt ({exc})", status=422) from None
+    if not drafted:  # the decoded pixels are the true size
+        return DecodedImage(pixels, *pixels.shape[:2])
     true_height, true_width = (width, height) if transposed else (height, width)
     return DecodedImage(pixels, true_height, true_width)
 

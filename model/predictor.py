@@ -26,6 +26,11 @@ from .transforms import ZoomIn, flip, map_click, map_clicks, network_shape, resi
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.safetensors"
 
+# encode_image reads decoded images through torch.from_numpy without copying them; they are
+# read-only and only read. Set once here, not per call: warning filters are process-wide.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
+
 
 @dataclass
 class ImageState:
@@ -150,9 +155,7 @@ class ClickSegPredictor:
                              "size is the true size of a reduced copy")
         # Shrunk while still uint8 (on the CPU, where uint8 antialiasing is implemented), so a
         # 50-megapixel image never gets a float copy (600 MB); within 1/255 of shrinking in float.
-        with warnings.catch_warnings():  # a read-only array (a decoded image's) is fine: it is only read
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            pixels = torch.from_numpy(np.ascontiguousarray(image))
+        pixels = torch.from_numpy(np.ascontiguousarray(image))
         tensor = resize(pixels.permute(2, 0, 1)[None], working_shape(h, w, self.max_working_side))
         tensor = tensor.to(self.device).float().div_(255.0)
         state = ImageState(height=h, width=w, working=tensor)

@@ -619,6 +619,22 @@ def test_reduced_decoding_keeps_the_exif_true_size_and_leaves_png_and_unset_min_
     assert png.pixels.shape == (1200, 3000, 3) and not png.reduced
 
 
+@pytest.mark.parametrize("height, width, expected", [(1921, 2560, (961, 1280)), (3841, 5120, (961, 1280)),
+                                                      (2560, 1921, (1280, 961))])
+def test_an_odd_short_side_does_not_stop_the_reduction(height, width, expected):
+    decoded = decode_image(_jpeg(_gradient(height, width)), "x.jpg", None, 10**8, min_side=1280)
+    assert decoded.pixels.shape[:2] == expected and (decoded.height, decoded.width) == (height, width)
+
+
+def test_a_jpeg_with_embedded_previews_mpo_is_reduced_too():
+    buffer = io.BytesIO()
+    Image.fromarray(_gradient(1000, 3000)).save(buffer, format="MPO", save_all=True,
+                                                append_images=[Image.new("RGB", (30, 10))])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    decoded = decode_image(buffer.getvalue(), "phone.jpg", "image/jpeg", 10**8, min_side=1280)
+    assert decoded.pixels.shape == (500, 1500, 3) and (decoded.height, decoded.width) == (1000, 3000)
+
+
 def test_modes_convert_to_rgb(ls):
     gray16 = (np.arange(6 * 7, dtype=np.uint16).reshape(6, 7) * 1500).astype(np.uint16)
     buffer = io.BytesIO()

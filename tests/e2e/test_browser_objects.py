@@ -197,11 +197,16 @@ def test_auto_accept_on_sends_lone_clicks_that_refine_the_object(label_studio, p
     here, so that the README's advice (Auto-Accept off) is re-checked when Label Studio changes.
     """
     scene, task_id = open_task(page, label_studio, plain_backend, artifacts, auto_accept=True)
-    lobe_a, lobe_b = scene.lobes[0]
-    gt = scene.labels == 1
+    # Object 2: its two hues are far apart, so a first click gets one part. A click on or right
+    # beside a region selects that region in the editor instead of placing a keypoint.
+    lobe_a, lobe_b = scene.lobes[1]
+    gt = scene.labels == 2
     context, answer = click_image(page, scene, *lobe_a)
+    first = decode_brush(brush_regions(answer)[0])
+    missed = error_centre(first, gt & ~first)
+    assert missed is not None and ndimage.distance_transform_edt(~first)[missed] >= 4, \
+        "the first click got the whole object: this test needs a scene whose first mask misses a part"
     first = brush_regions(answer)[0]
-    missed = error_centre(decode_brush(first), gt & ~decode_brush(first)) or lobe_b
     second_context, answer = click_image(page, scene, *missed)
     second = brush_regions(answer)[0]
     page.screenshot(path=str(artifacts / "objects-on-2-clicks.png"))

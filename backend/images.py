@@ -373,9 +373,10 @@ def decode_image(data: bytes, url: str, content_type: str | None, max_pixels: in
                 status=413,
             )
         try:
-            transposed = image.getexif().get(EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
             drafted = (min_side is not None and isinstance(image, JpegImagePlugin.JpegImageFile)  # MPO too
                        and max(width, height) >= 2 * min_side)
+            # read before exif_transpose, which drops the tag; only a reduced decode needs it
+            transposed = drafted and image.getexif().get(EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
             if drafted:  # only the long side is asked for: draft keeps it at least min_side
                 image.draft("RGB", (min_side, 1) if width >= height else (1, min_side))
             image.load()

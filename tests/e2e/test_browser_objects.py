@@ -202,11 +202,11 @@ def test_auto_accept_on_sends_lone_clicks_that_refine_the_object(label_studio, p
     lobe_a, lobe_b = scene.lobes[1]
     gt = scene.labels == 2
     context, answer = click_image(page, scene, *lobe_a)
-    first = decode_brush(brush_regions(answer)[0])
-    missed = error_centre(first, gt & ~first)
-    assert missed is not None and ndimage.distance_transform_edt(~first)[missed] >= 4, \
-        "the first click got the whole object: this test needs a scene whose first mask misses a part"
     first = brush_regions(answer)[0]
+    first_mask = decode_brush(first)
+    missed = error_centre(first_mask, gt & ~first_mask)
+    assert missed is not None and ndimage.distance_transform_edt(~first_mask)[missed] >= 4, \
+        "the first click got the whole object: this test needs a scene whose first mask misses a part"
     second_context, answer = click_image(page, scene, *missed)
     second = brush_regions(answer)[0]
     page.screenshot(path=str(artifacts / "objects-on-2-clicks.png"))

@@ -41,11 +41,7 @@ class ObjectsScene(ImageScene):
 
 
 def objects_scene(seed: int = 7, height: int = 300, width: int = 480) -> ObjectsScene:
-    """Each object: two disks of two hues, far from the others.
-
-    Objects 1 and 3 have a gap of about 19 px between their parts (a first click may get both);
-    object 2's parts are about 60 px apart, so that a first click gets one of them.
-    """
+    """Each object: two disks of two hues with a gap of about 19 px (a first click may get one part), far from the others."""
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.stack([70 + 30 * np.sin(cols / 9.0), 95 + 25 * np.sin((rows + cols) / 17.0),
@@ -53,9 +49,8 @@ def objects_scene(seed: int = 7, height: int = 300, width: int = 480) -> Objects
     labels = np.zeros((height, width), np.int32)
     colours = [((245, 120, 20), (230, 200, 40)), ((40, 90, 235), (150, 60, 220)), ((235, 40, 60), (240, 140, 170))]
     lobes = []
-    layouts = ((110, 185, 18), (93, 203, 30), (110, 185, 18))  # per object: the two parts' rows, half their column offset
-    for k, (col, (c1, c2), (row_a, row_b, half)) in enumerate(zip((90, 240, 390), colours, layouts), start=1):
-        a, b = (row_a, col - half), (row_b, col + half)
+    for k, (col, (c1, c2)) in enumerate(zip((90, 240, 390), colours), start=1):
+        a, b = (110, col - 18), (185, col + 18)
         for centre, colour, radius in ((a, c1, 34), (b, c2, 30)):
             disk = np.hypot(rows - centre[0], cols - centre[1]) <= radius
             image[disk] = np.asarray(colour, np.float32) + rng.normal(0, 6, (int(disk.sum()), 3))
@@ -202,7 +197,7 @@ def test_auto_accept_on_sends_lone_clicks_that_refine_the_object(label_studio, p
     here, so that the README's advice (Auto-Accept off) is re-checked when Label Studio changes.
     """
     scene, task_id = open_task(page, label_studio, plain_backend, artifacts, auto_accept=True)
-    # Object 2: its two parts are far apart, so a first click gets one of them. A click on or right
+    # Object 2: its two hues are far apart, so a first click gets one part. A click on or right
     # beside a region selects that region in the editor instead of placing a keypoint.
     lobe_a, lobe_b = scene.lobes[1]
     gt = scene.labels == 2

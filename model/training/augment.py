@@ -56,7 +56,7 @@ def blend_images(image: np.ndarray, gt: np.ndarray, other_image: np.ndarray, alp
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
     """Image bilinear (antialiased when shrinking), mask nearest."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    t = torch.tensor(image).permute(2, 0, 1)[None].float()  # a copy: the image may be read-only
     shrink = height < image.shape[0] or width < image.shape[1]
     t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)
     m = torch.from_numpy(mask)[None, None].float()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import FakeLabelStudioApi, annotation, brush_annotation, free_port, keypoint, serve, texture_scene
+from support import FakeLabelStudioApi, annotation, brush_annotation, free_port, keypoint, serve, stop_process, texture_scene
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LS_CLICKSEG_SHARED", REPO.parent / "shared"))
@@ -135,12 +135,7 @@ def backend_processes(tmp_path):
 
     yield start
     for server in started:
-        server.terminate()
-    for server in started:
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
 
 
 def pytest_collection_modifyitems(config, items):

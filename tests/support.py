@@ -10,6 +10,7 @@ import io
 import json
 import secrets
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,16 @@ API_KEY = "0123456789abcdef0123456789abcdef01234567"  # a legacy token: 40 hex c
 
 
 # --- loopback HTTP --------------------------------------------------------------------------
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s: a slow exit in a test's ``finally`` must not replace its own result."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(30)
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from support import (fit_env, free_port, interactive_task, pixel_keypoint, predict_body, setup_body, small_checkpoint,
+from support import (stop_process, fit_env, free_port, interactive_task, pixel_keypoint, predict_body, setup_body, small_checkpoint,
                      start_training_body, texture_scene)
 
 from model.checkpoint import read_header
@@ -77,8 +77,7 @@ def test_start_training_fine_tunes_and_every_worker_serves_the_new_version(textu
         stop.set()
         hammer.join(60)
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_process(server)
     # ... (the server's log is in log_path if anything below fails)
     assert job["state"] == "succeeded", (job, log_path.read_text()[-3000:])
     assert "running" in states and niceness and min(niceness) >= 10  # the job ran niced in its own process
@@ -139,8 +138,7 @@ def test_served_versions_after_promotion_in_every_worker(texture_project, tmp_pa
         other = requests.post(f"{base}/setup", json={**setup_body(), "project": "2.1795419391"}, timeout=60).json()
         versions = requests.get(f"{base}/versions", timeout=60).json()
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_process(server)
     assert before == {"small-untrained-head"} and after == {"p1-v1"}
     assert setup == {"model_version": "p1-v1"} and other == {"model_version": "small-untrained-head"}
     assert versions["versions"] == ["small-untrained-head", "p1-v1"] and versions["projects"]["1"]["served"] == "p1-v1"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from support import (API_KEY, FakeLabelStudioApi, annotation, brush_result, decode_region, fit_env, interactive_task,
+from support import (stop_process, API_KEY, FakeLabelStudioApi, annotation, brush_result, decode_region, fit_env, interactive_task,
                      pixel_keypoint, png_bytes, predict_body, serve, small_checkpoint, start_training_body)
 
 from backend.app import create_app
@@ -35,16 +35,6 @@ def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "backend.fit_worker", "--queue"], cwd=REPO,
                                 env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop_worker(worker: subprocess.Popen) -> None:
-    """SIGTERM (RQ's warm shutdown), then SIGKILL after 30 s: a slow exit must not hide the test's own result."""
-    worker.terminate()
-    try:
-        worker.wait(30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait(30)
 
 
 def scale_env(redis_url: str, **extra: str) -> dict:
@@ -193,7 +183,7 @@ def test_start_training_on_one_backend_runs_on_the_worker_and_both_serve_the_new
         versions = {host: requests.post(f"{host}/predict", json=predict_body([task], {"result": [click]}),
                                         timeout=120).json()["results"][0]["model_version"] for host in (host_a, host_b)}
     finally:
-        stop_worker(worker)
+        stop_process(worker)
     assert done["state"] == "succeeded" and done["promoted"], (done, (tmp_path / "worker.log").read_text()[-3000:])
     assert done["job_id"] == job["job_id"] and from_a == done  # the same status from both hosts
     assert done["queue"] == "ls-clickseg-fit" and done["host"]

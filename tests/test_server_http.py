@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from support import (API_KEY, FakeLabelStudio, TricklingServer, batch_task, decode_region, free_port, interactive_task,
+from support import (stop_process, API_KEY, FakeLabelStudio, TricklingServer, batch_task, decode_region, free_port, interactive_task,
                      keypoint, pixel_keypoint, png_bytes, post, predict_body, rectangle, serve, setup_body,
                      webhook_body)
 
@@ -415,8 +415,7 @@ def test_gunicorn_serves_the_wsgi_app_with_json_logs(label_studio, checkpoint, t
         assert response.status_code == 200, response.text
         assert decode_region(response.json()["results"][0]["result"][0]).shape == (120, 160)
     finally:
-        process.terminate()
-        process.wait(30)
+        stop_process(process)
     lines = [line for line in log_path.read_text().splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in lines]
     assert any(r["message"] == "model loaded" for r in records), log_path.read_text()

@@ -289,3 +289,25 @@ def test_a_redis_that_cannot_be_reached_is_a_503_that_says_so(tmp_path):
     with pytest.raises(Exception, match="cannot be reached") as caught:
         JobManager(settings).start("1", trigger="START_TRAINING")
     assert getattr(caught.value, "status", None) == 503
+
+
+def test_the_worker_stops_its_command_listener_promptly_even_after_it_saw_the_unsubscribe(redis_url):
+    # The race that made a SIGTERM exit wait 60 s: the listener handles the UNSUBSCRIBE reply
+    # before the worker's teardown stops it, then sleeps for a subscription that never comes.
+    import time
+
+    from rq import Queue
+
+    from backend.fit_worker import TrainingWorker
+
+    client = connect(redis_url)
+    worker = TrainingWorker([Queue("listener-race", connection=client)], connection=client)
+    worker.subscribe()
+    worker.pubsub.unsubscribe()
+    time.sleep(0.3)  # the listener takes the reply first
+    start = time.monotonic()
+    worker.pubsub_thread.stop()
+    worker.pubsub_thread.join(timeout=30)
+    elapsed = time.monotonic() - start
+    worker.pubsub.close()
+    assert not worker.pubsub_thread.is_alive() and elapsed < 3, f"the listener took {elapsed:.1f} s to stop"

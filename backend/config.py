@@ -11,8 +11,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
+from model.checkpoint import resolve_device
 from model.predictor import DEFAULT_CHECKPOINT
 from model.proposals import PROPOSAL_MIN_SCORE
 
@@ -25,7 +26,7 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 # Every variable the settings read: a training job (``backend.fit_worker``) gets exactly these
 # values from the server that starts it, whatever its own environment holds.
 ENV_VARS = (
-    "MODEL_DIR", "CHECKPOINT", "DEVICE", "CFR_STEPS", "WORKERS", "THREADS", "LOG_LEVEL", "HOST", "PORT",
+    "MODEL_DIR", "CHECKPOINT", "DEVICE", "CFR_STEPS", "CLICK_REFINEMENT", "WORKERS", "THREADS", "LOG_LEVEL", "HOST", "PORT",
     "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SESSION_CACHE_BYTES", "EXEMPLAR_MAX_TASKS", "REQUEST_READ_TIMEOUT",
     "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "ALLOWED_IMAGE_HOSTS",
     "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES",
@@ -36,7 +37,7 @@ ENV_VARS = (
 )
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: Optional[int], minimum: int) -> Optional[int]:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -173,6 +174,8 @@ class Settings:
     image_access: ImageAccessSettings
     exemplar_max_tasks: int = 2000
     request_read_timeout: int = 15  # REQUEST_READ_TIMEOUT: seconds a client may stay silent mid-request (gunicorn)
+    # CLICK_REFINEMENT: L-BFGS iterations of click refinement (0 = off); None = the predictor's default
+    click_refinement: Optional[int] = None
     recall: bool = True  # RECALL: propose objects like the accepted ones (models with a recall branch)
     recall_min_score: float = PROPOSAL_MIN_SCORE  # RECALL_MIN_SCORE: proposals scoring less are dropped
     recall_min_area: int = 64  # RECALL_MIN_AREA: smallest proposal, in image pixels
@@ -185,6 +188,11 @@ class Settings:
     @property
     def auth_enabled(self) -> bool:
         return self.basic_auth_user is not None or self.basic_auth_pass is not None
+
+    def predictor_options(self) -> Dict[str, Any]:
+        """``ClickSegPredictor`` options of every predictor the backend builds (served or evaluated)."""
+        return {"device": str(resolve_device(self.device)), "cfr_steps": self.cfr_steps,
+                "click_refinement_iterations": self.click_refinement}
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -205,6 +213,7 @@ class Settings:
             checkpoint=checkpoint,
             device=_device(env.get("DEVICE", "auto")),
             cfr_steps=_int(env, "CFR_STEPS", 2, minimum=0),
+            click_refinement=_int(env, "CLICK_REFINEMENT", None, minimum=0),
             workers=_int(env, "WORKERS", 1, minimum=1),
             threads=_int(env, "THREADS", 16, minimum=1),
             log_level=log_level,

@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluation.evaluate")
     p.add_argument("--checkpoint", default=None, help="CHECKPOINT of the in-process backend (default: the embedded one)")
     p.add_argument("--cfr-steps", type=int, default=None, help="CFR_STEPS of the in-process backend")
+    p.add_argument("--click-refinement", type=int, default=None, help="CLICK_REFINEMENT of the in-process backend")
     p.add_argument("--backend-url", default=None, help="evaluate a running backend instead of the in-process one")
     p.add_argument("--local-files-root", default=None, help="with --backend-url: its LOCAL_FILES_DOCUMENT_ROOT")
     p.add_argument("--basic-auth", default=None, help="with --backend-url: USER:PASS")
@@ -297,6 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             env["CHECKPOINT"] = args.checkpoint
         if args.cfr_steps is not None:
             env["CFR_STEPS"] = str(args.cfr_steps)
+        if args.click_refinement is not None:
+            env["CLICK_REFINEMENT"] = str(args.click_refinement)
         post, image_url = wsgi_target(env)
         target = "wsgi"
     print(f"playing {len(objects)} objects of {args.dataset} through /predict ({target})", file=sys.stderr)
@@ -307,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result.settings.update({
         "label": args.label or ("product-multi-object" if args.multi_object else "product"),
         "dataset": args.dataset, "max_objects": args.max_objects, "seed": args.seed, "target": target,
-        "checkpoint": args.checkpoint, "cfr_steps": args.cfr_steps,
+        "checkpoint": args.checkpoint, "cfr_steps": args.cfr_steps, "click_refinement": args.click_refinement,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
     baseline = None

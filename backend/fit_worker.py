@@ -265,7 +265,7 @@ class StatusWriter:
 def evaluate_checkpoint(path: Path, objects: Sequence[Any], settings: Settings, device: str) -> Dict[str, Any]:
     """NoC@85/90, NoF and mIoU of the checkpoint on ``objects`` with the standard clicker."""
     started = time.perf_counter()
-    predictor = ClickSegPredictor.from_checkpoint(path, device=device, cfr_steps=settings.cfr_steps)
+    predictor = ClickSegPredictor.from_checkpoint(path, **{**settings.predictor_options(), "device": device})
     summary = evaluate_objects(predictor, objects, max_clicks=settings.fit.eval_max_clicks,
                                stop_at_iou=STOP_AT_IOU).summary()
     curve = summary["miou_curve"]

@@ -24,7 +24,6 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from model.checkpoint import resolve_device
 from model.predictor import ClickSegPredictor
 
 from .config import Settings
@@ -87,9 +86,7 @@ class ClickSegModel:
     # --- model ---------------------------------------------------------------------------------
 
     def _load_checkpoint(self) -> ClickSegPredictor:
-        return ClickSegPredictor.from_checkpoint(
-            self.settings.checkpoint, device=str(resolve_device(self.settings.device)), cfr_steps=self.settings.cfr_steps
-        )
+        return ClickSegPredictor.from_checkpoint(self.settings.checkpoint, **self.settings.predictor_options())
 
     @property
     def predictor(self) -> ClickSegPredictor:
@@ -118,8 +115,7 @@ class ClickSegModel:
         return self.predictor.model_version
 
     def _load_project_checkpoint(self, path) -> ClickSegPredictor:
-        return self._model_thread.run(ClickSegPredictor.from_checkpoint, path,
-                                      device=str(resolve_device(self.settings.device)), cfr_steps=self.settings.cfr_steps)
+        return self._model_thread.run(ClickSegPredictor.from_checkpoint, path, **self.settings.predictor_options())
 
     def predictor_for(self, project: Any) -> ClickSegPredictor:
         """The project's promoted fine-tuned predictor, or the default one."""

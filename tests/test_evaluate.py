@@ -15,6 +15,7 @@ from model.clicks import IGNORE_VALUE, Click
 from model.evaluation.evaluate import (EvalResult, ObjectResult, Run, evaluate_objects, format_table, load_run, main,
                                        write_outputs)
 from model.evaluation.protocol import Clicker, iou, miou_curve, noc, nof, summarize
+from model.predictor import ClickSegPredictor
 
 # --------------------------------------------------------------------------- clicker
 
@@ -310,3 +311,14 @@ def test_synthetic_scene_and_benchmark_setting_sample_counts():
     assert 0 < row.first_p50_ms <= row.first_p90_ms and 0 < row.later_p50_ms <= row.later_p90_ms
     assert row.mean_later_passes == 1.0
     assert predictor.clicks_seen == [1, 2, 3, 4, 5] * 4  # recording session + 3 timed ones
+
+
+def test_benchmark_times_click_refinement_for_each_click_count():
+    from model.evaluation.benchmark import REFINEMENT_CLICK_COUNTS, benchmark_click_refinement, format_refinement_table
+    from model.nets.registry import create_model
+
+    predictor = ClickSegPredictor(create_model("effnet-lite", {"input_size": 96}).eval())
+    rows = benchmark_click_refinement(predictor, (160, 120), iterations=2, repeats=2)
+    assert [r.clicks for r in rows] == list(REFINEMENT_CLICK_COUNTS)
+    assert all(r.size == "160x120" and r.samples == 2 and 0 < r.added_p50_ms <= r.added_p90_ms for r in rows)
+    assert format_refinement_table(rows, 2).count("160x120") == len(REFINEMENT_CLICK_COUNTS)

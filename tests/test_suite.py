@@ -9,6 +9,7 @@ from PIL import Image
 
 from model.data import is_heldout
 from model.evaluation.suite import main as suite_main
+from model.predictor import DEFAULT_CLICK_REFINEMENT_ITERATIONS
 
 
 def _pennfudan(root):
@@ -51,3 +52,29 @@ def test_suite_names_bad_arguments(tmp_path):
         suite_main(["--sets", "imagenet", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="is not a directory"):
         suite_main(["--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path)])
+
+
+def test_click_refinement_is_its_own_cached_run(tmp_path, capsys):
+    _pennfudan(tmp_path / "data")
+    out = tmp_path / "out"
+    common = ["--data-root", str(tmp_path / "data"), "--sets", "pennfudan-heldout", "--max-clicks", "2",
+              "--out-dir", str(out)]
+    assert suite_main(common + ["--label", "plain", "--click-refinement", "0"]) == 0
+    assert suite_main(common + ["--label", "refined", "--click-refinement", "3"]) == 0
+    assert suite_main(common + ["--label", "default"]) == 0
+    tables = capsys.readouterr().out
+    assert "no click refinement" in tables and "click refinement 3" in tables
+    assert f"click refinement {DEFAULT_CLICK_REFINEMENT_ITERATIONS})" in tables
+
+    def key(label):
+        return json.loads((out / f"{label}-pennfudan-heldout.json").read_text())["settings"]["cache_key"]
+
+    assert "click_refinement_iterations" not in key("plain")  # as in caches made before refinement existed
+    assert key("refined")["click_refinement_iterations"] == 3
+    assert key("default")["click_refinement_iterations"] == DEFAULT_CLICK_REFINEMENT_ITERATIONS
+    assert json.loads((out / "suite-refined.json").read_text())["settings"]["click_refinement_iterations"] == 3
+
+
+def test_suite_rejects_bad_click_refinement(tmp_path):
+    with pytest.raises(SystemExit, match="--click-refinement must be >= 0"):
+        suite_main(["--data-root", str(tmp_path), "--click-refinement", "-1", "--out-dir", str(tmp_path)])

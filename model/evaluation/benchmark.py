@@ -6,7 +6,10 @@ defaults) it times, over ``--repeats`` fresh sessions on one image:
 - the first click: ``encode_image`` + ``predict`` (what a new image costs);
 - later clicks: clicks 2..5 on the same image, each with the previous map as ``prev_mask``;
 - with a recall branch, the click that triggers exemplar recall: segmentation alone, and the
-  proposals on top with the image's recall features cached (as the server warms them) or not.
+  proposals on top with the image's recall features cached (as the server warms them) or not;
+- with ``--click-refinement N``, what click-consistency refinement adds to a click that
+  contradicts its label (``model.click_refinement``, N L-BFGS iterations on the view), for 1 to
+  20 clicks; other clicks are unchanged.
 
 The clicks come from the standard ``Clicker`` on a synthetic blob object, so they
 follow the model's own errors. One untimed warm-up session per setting records
@@ -30,9 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..clicks import MASK_THRESHOLD, Click
+from ..click_refinement import refine_for_clicks
+from ..clicks import MASK_THRESHOLD, Click, encode_click_maps
 from ..predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 from ..proposals import propose
+from ..transforms import network_shape
 from .machine import machine_info
 from .protocol import Clicker
 
@@ -188,6 +193,49 @@ def benchmark_recall(predictor, size: Tuple[int, int], repeats: int) -> RecallRo
                      float(np.median(cold)), int(np.median(found)), repeats)
 
 
+REFINEMENT_CLICK_COUNTS = (1, 5, 10, 20)
+
+
+@dataclass
+class RefinementRow:
+    size: str  # the image's; the refinement runs on the network's view of it
+    clicks: int
+    added_p50_ms: float  # refine_for_clicks on the view: what a contradicted click costs more
+    added_p90_ms: float
+    samples: int
+
+
+def benchmark_click_refinement(predictor, size: Tuple[int, int], iterations: int, repeats: int,
+                               seed: int = 0) -> List[RefinementRow]:
+    """The added cost of a refined click: ``refine_for_clicks`` with ``iterations`` on the full view
+    of a ``size`` image, for ``REFINEMENT_CLICK_COUNTS`` clicks spread over the view."""
+    image, _ = synthetic_scene(*size)
+    state = predictor.encode_image(image)
+    ih, iw = network_shape(*state.working_size, predictor.input_size, predictor.size_multiple)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for count in REFINEMENT_CLICK_COUNTS:
+        clicks = [Click(float(rng.uniform(0, ih - 1)), float(rng.uniform(0, iw - 1)), k % 2 == 0) for k in range(count)]
+        with torch.inference_mode():
+            maps = encode_click_maps(clicks, ih, iw, device=predictor.device)
+            features = predictor.net.decoder_features(state.full_view_prepared, maps)
+        refine_for_clicks(predictor.net, features, maps, clicks, iterations)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            refine_for_clicks(predictor.net, features, maps, clicks, iterations)
+            times.append(1000 * (time.perf_counter() - start))
+        rows.append(RefinementRow(f"{size[0]}x{size[1]}", count, float(np.percentile(times, 50)),
+                                  float(np.percentile(times, 90)), repeats))
+    return rows
+
+
+def format_refinement_table(rows: Sequence[RefinementRow], iterations: int) -> str:
+    lines = [f"size        clicks  added p50  added p90   (ms, {iterations} L-BFGS iterations)"]
+    lines += [f"{r.size:<11} {r.clicks:6d}  {r.added_p50_ms:9.1f}  {r.added_p90_ms:9.1f}" for r in rows]
+    return "\n".join(lines)
+
+
 def format_recall_table(rows: Sequence[RecallRow]) -> str:
     lines = ["size        click p50  + recall (cached features)  + recall (features on this click)  proposals   (ms)"]
     for r in rows:
@@ -214,10 +262,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed sessions per size and CFR setting (>= 1)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--click-refinement", type=int, default=0, metavar="ITERATIONS",
+                   help="also time click-consistency refinement with this many L-BFGS iterations (0 = not timed)")
     p.add_argument("--json", default=None, help="also write the table and machine info to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1 or args.warmup < 1:
         raise SystemExit("--repeats, --threads and --warmup must be >= 1")
+    if args.click_refinement < 0:
+        raise SystemExit(f"--click-refinement must be >= 0, got {args.click_refinement}")
     sizes = parse_sizes(args.sizes)
 
     torch.set_num_threads(args.threads)
@@ -240,6 +292,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recall_rows = [benchmark_recall(cfr_on, size, args.repeats) for size in sizes]
         print("\nExemplar recall on the triggering click (CFR on):")
         print(format_recall_table(recall_rows))
+    refinement_rows = []
+    if args.click_refinement:
+        if not hasattr(cfr_on.net, "decoder_features"):
+            raise SystemExit(f"--click-refinement: {cfr_on.model_version} has no decoder_features to refine")
+        refinement_rows = [row for size in sizes
+                           for row in benchmark_click_refinement(cfr_on, size, args.click_refinement, args.repeats)]
+        print("\nClick-consistency refinement, added to a click that contradicts its label:")
+        print(format_refinement_table(refinement_rows, args.click_refinement))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "repeats": args.repeats, "clicks_per_session": CLICKS_PER_SESSION, "machine": info,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "rows": [asdict(r) for r in rows], "recall_rows": [asdict(r) for r in recall_rows],
+            "click_refinement_iterations": args.click_refinement,
+            "refinement_rows": [asdict(r) for r in refinement_rows],
         }, indent=1))
         print(f"wrote {out}", file=sys.stderr)
     return 0

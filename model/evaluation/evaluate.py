@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfr.add_argument("--no-cfr", action="store_true", help="disable CFR (cfr_steps=0)")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--no-zoom-in", action="store_true", help="disable zoom-in on the object")
+    p.add_argument("--click-refinement", type=int, default=None, metavar="ITERATIONS",
+                   help="f-BRS-style click-consistency refinement: L-BFGS iterations when a click is contradicted "
+                        "(0 = off; default: the predictor's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default=None, help="name of this run in the table, plot and file names")
     p.add_argument("--out-dir", required=True)
@@ -362,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 def default_label(args: argparse.Namespace, checkpoint: str) -> str:
     cfr = "cfr-off" if args.no_cfr else ("cfr" if args.cfr_steps is None else f"cfr{args.cfr_steps}")
     parts = [Path(checkpoint).stem, cfr] + (["flip"] if args.flip else []) + (["nozoom"] if args.no_zoom_in else [])
+    parts += [] if args.click_refinement is None else [f"refine{args.click_refinement}"]
     return "-".join(parts)
 
 
@@ -374,12 +378,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     compare = [load_run(p) for p in args.compare]  # fail before the long run
 
     checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
+    if args.click_refinement is not None and args.click_refinement < 0:
+        raise SystemExit(f"--click-refinement must be >= 0, got {args.click_refinement}")
     options: Dict[str, Any] = {"zoom_in": not args.no_zoom_in, "flip": args.flip}
+    if args.click_refinement is not None:
+        options["click_refinement_iterations"] = args.click_refinement
     if args.no_cfr:
         options["cfr_steps"] = 0
     elif args.cfr_steps is not None:
         options["cfr_steps"] = args.cfr_steps
-    predictor = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, **options)
+    try:
+        predictor = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, **options)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     objects = open_objects(args.dataset, max_objects=args.max_objects, seed=args.seed)
     if not objects:
         raise SystemExit(f"dataset {args.dataset} holds no objects")
@@ -393,7 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "dataset": args.dataset,
         "max_objects": args.max_objects,
         "seed": args.seed,
-        "predictor_options": {**options, "cfr_steps": getattr(predictor, "cfr_steps", options.get("cfr_steps"))},
+        "predictor_options": {**options, "cfr_steps": predictor.cfr_steps,
+                              "click_refinement_iterations": predictor.click_refinement_iterations},
         "device": args.device,
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

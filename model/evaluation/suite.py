@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clicks", type=int, default=20)
     p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluation.evaluate")
     p.add_argument("--cfr-steps", type=int, default=None, help="CFR refinement steps (default: the predictor's)")
+    p.add_argument("--click-refinement", type=int, default=None, metavar="ITERATIONS",
+                   help="f-BRS-style click-consistency refinement: L-BFGS iterations when a click is contradicted "
+                        "(0 = off; default: the predictor's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default=None, help="the model's name in the table (default: the checkpoint's stem)")
     p.add_argument("--out-dir", required=True)
@@ -150,13 +153,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not Path(args.data_root).is_dir():
         raise SystemExit(f"--data-root {args.data_root} is not a directory")
     checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
-    options: Dict[str, Any] = {} if args.cfr_steps is None else {"cfr_steps": args.cfr_steps}
-    predictor = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, **options)
+    if args.click_refinement is not None and args.click_refinement < 0:
+        raise SystemExit(f"--click-refinement must be >= 0, got {args.click_refinement}")
+    options: Dict[str, Any] = {}
+    if args.click_refinement is not None:
+        options["click_refinement_iterations"] = args.click_refinement
+    if args.cfr_steps is not None:
+        options["cfr_steps"] = args.cfr_steps
+    try:
+        predictor = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, **options)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     label = args.label or Path(checkpoint).stem
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_key = {"checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
                  "cfr_steps": predictor.cfr_steps, "device": args.device}
+    if predictor.click_refinement_iterations:  # absent when off, as in caches made before it existed
+        model_key["click_refinement_iterations"] = predictor.click_refinement_iterations
 
     sets: Dict[str, Dict[str, Any]] = {}
     for name in names:
@@ -166,9 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as exc:
             raise SystemExit(f"suite set {name}: {exc}") from None
         print(f"{name}: " + versus_baseline(sets[name]["model"], sets[name]["baseline"]), file=sys.stderr)
-    table = format_suite_table(f"{label} ({predictor.model_version}, CFR {predictor.cfr_steps})", sets)
+    iterations = predictor.click_refinement_iterations
+    refinement = f", click refinement {iterations}" if iterations else ", no click refinement"
+    table = format_suite_table(f"{label} ({predictor.model_version}, CFR {predictor.cfr_steps}{refinement})", sets)
     settings = {"label": label, "checkpoint": checkpoint, "model_version": predictor.model_version,
-                "cfr_steps": predictor.cfr_steps, "max_clicks": args.max_clicks, "stop_at_iou": args.stop_at_iou,
+                "cfr_steps": predictor.cfr_steps, "click_refinement_iterations": iterations,
+                "max_clicks": args.max_clicks, "stop_at_iou": args.stop_at_iou,
                 "max_objects": args.max_objects, "baseline": BASELINE, "machine": machine_info(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     stem = f"suite-{safe_filename(label)}"

@@ -76,6 +76,10 @@ class EffNetLiteISeg(nn.Module):
         return self.bn1(self.conv_stem(x))
 
     def forward_prepared(self, stem: torch.Tensor, click_maps: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self.decoder_features(stem, click_maps), click_maps)
+
+    def decoder_features(self, stem: torch.Tensor, click_maps: torch.Tensor) -> torch.Tensor:
+        """FPN features (B, decoder_channels, H/4, W/4) that the head turns into logits."""
         x = stem + self.click_encoder(click_maps)
         features: List[torch.Tensor] = []
         for i, stage in enumerate(self.blocks):
@@ -85,9 +89,12 @@ class EffNetLiteISeg(nn.Module):
         top = self.laterals[-1](features[-1])
         for lateral, feat in zip(reversed(self.laterals[:-1]), reversed(features[:-1])):
             top = F.interpolate(top, size=feat.shape[-2:], mode="bilinear", align_corners=False) + lateral(feat)
-        top = self.smooth(top)
-        clicks_small = F.adaptive_avg_pool2d(click_maps, top.shape[-2:])
-        return self.head(torch.cat([top, clicks_small], dim=1))
+        return self.smooth(top)
+
+    def head_logits(self, features: torch.Tensor, click_maps: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, H/4, W/4) from ``decoder_features`` and the click maps (B, 3, H, W)."""
+        clicks_small = F.adaptive_avg_pool2d(click_maps, features.shape[-2:])
+        return self.head(torch.cat([features, clicks_small], dim=1))
 
     def forward(self, image: torch.Tensor, click_maps: torch.Tensor) -> torch.Tensor:
         return self.forward_prepared(self.prepare_image(image), click_maps)

@@ -278,6 +278,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--max-clicks must be >= 1, got {args.max_clicks}")
     if args.backend_url and not args.local_files_root:
         raise SystemExit("--backend-url needs --local-files-root (the backend's LOCAL_FILES_DOCUMENT_ROOT)")
+    for flag, value in (("--cfr-steps", args.cfr_steps), ("--click-refinement", args.click_refinement)):
+        if value is not None and value < 0:
+            raise SystemExit(f"{flag} must be >= 0, got {value}")
+        if value is not None and args.backend_url:
+            raise SystemExit(f"{flag} sets the in-process backend; a running backend (--backend-url) "
+                             "has its own CFR_STEPS and CLICK_REFINEMENT")
     if args.baseline and args.multi_object:
         raise SystemExit("--baseline plays single objects; it does not apply to --multi-object")
     compare = [load_run(p) for p in args.compare]

@@ -100,7 +100,10 @@ class ClickSegModel:
                     except (OSError, ValueError, RuntimeError) as exc:
                         log.error("model failed to load", extra={"checkpoint": str(self.settings.checkpoint), "reason": str(exc)})
                         raise BackendError(
-                            f"the model could not be loaded from CHECKPOINT={self.settings.checkpoint}: {exc}", status=503
+                            f"the model could not be loaded from CHECKPOINT={self.settings.checkpoint} "
+                            f"(CFR_STEPS={self.settings.cfr_steps}, CLICK_REFINEMENT="
+                            f"{'default' if self.settings.click_refinement is None else self.settings.click_refinement}): "
+                            f"{exc}", status=503
                         ) from None
                     log.info("model loaded", extra={"model_version": self._predictor.model_version,
                                                     "seconds": round(time.perf_counter() - started, 3)})

@@ -37,42 +37,45 @@ def clicks_disagree(prob: torch.Tensor, clicks: Sequence[Click]) -> bool:
 
 @dataclass
 class ClickWindows:
-    """Square windows of the head's inputs around k clicks, for a batched head pass.
+    """Windows of the head's inputs around k clicks, for one batched head pass.
 
-    features (k, C, s, s) and clicks_small (k, 3, s, s) are zero-padded at the map's edges;
-    cover (k, s - 2 * HEAD_HALO, same) is each click's disk cover of the cells whose logits the
-    window gives exactly (away from the map's edges), and labels (k,) 1.0 or 0.0.
+    Each window is a slice of the map, clamped inside it, that reaches ``reach + HEAD_HALO``
+    cells past the click's cell wherever the map allows, so the head gives exactly the full map's
+    logits on every cell within ``reach`` of the click (a window edge is either the map's edge,
+    zero-padded alike, or ``HEAD_HALO`` cells beyond those cells). features (k, C, sh, sw) and
+    clicks_small (k, 3, sh, sw) are the windows; weight (k, sh, sw) is each click's disk cover on
+    the cells within ``reach`` of it (0 elsewhere); labels (k,) 1.0 or 0.0.
     """
 
     features: torch.Tensor
     clicks_small: torch.Tensor
-    cover: torch.Tensor
+    weight: torch.Tensor
     labels: torch.Tensor
 
     @classmethod
     def around(cls, features: torch.Tensor, clicks_small: torch.Tensor, clicks: Sequence[Click], stride: float,
                reach: int) -> Optional["ClickWindows"]:
-        """Windows of ``2 * (reach + HEAD_HALO) + 1`` cells centred on each click's cell; None when
-        no click lies on the map (all beyond a zoom-in view)."""
+        """The windows of the clicks that lie on the map; None when none does (all beyond a zoom-in view)."""
         grid_h, grid_w = features.shape[-2:]
-        pad = reach + HEAD_HALO
-        side = 2 * pad + 1
-        padded_features = F.pad(features, (pad, pad, pad, pad))
-        padded_clicks = F.pad(clicks_small, (pad, pad, pad, pad))
-        inner = slice(HEAD_HALO, side - HEAD_HALO)
-        feature_windows, click_windows, covers, labels = [], [], [], []
+        side = 2 * (reach + HEAD_HALO) + 1
+        side_h, side_w = min(side, grid_h), min(side, grid_w)
+        feature_windows, click_windows, weights, labels = [], [], [], []
         for c in clicks:
-            cy, cx = int(c.y // stride), int(c.x // stride)
+            cy, cx = math.floor((c.y + 0.5) / stride), math.floor((c.x + 0.5) / stride)  # the clicked pixel's cell
             if not (0 <= cy < grid_h and 0 <= cx < grid_w):
                 continue
-            rows, cols = slice(cy, cy + side), slice(cx, cx + side)  # padded cells centred on (cy, cx)
-            feature_windows.append(padded_features[:, :, rows, cols])
-            click_windows.append(padded_clicks[:, :, rows, cols])
-            covers.append(padded_clicks[0, 1 if c.is_positive else 2, rows, cols][inner, inner])
+            y0 = min(max(cy - reach - HEAD_HALO, 0), grid_h - side_h)
+            x0 = min(max(cx - reach - HEAD_HALO, 0), grid_w - side_w)
+            rows, cols = slice(y0, y0 + side_h), slice(x0, x0 + side_w)
+            near = torch.zeros(side_h, side_w, device=features.device)
+            near[max(cy - reach - y0, 0):cy + reach + 1 - y0, max(cx - reach - x0, 0):cx + reach + 1 - x0] = 1
+            feature_windows.append(features[:, :, rows, cols])
+            click_windows.append(clicks_small[:, :, rows, cols])
+            weights.append(clicks_small[0, 1 if c.is_positive else 2, rows, cols] * near)
             labels.append(float(c.is_positive))
-        if not covers:
+        if not weights:
             return None
-        return cls(torch.cat(feature_windows), torch.cat(click_windows), torch.stack(covers),
+        return cls(torch.cat(feature_windows), torch.cat(click_windows), torch.stack(weights),
                    torch.tensor(labels, device=features.device))
 
 
@@ -84,8 +87,8 @@ def refine_for_clicks(net, features: torch.Tensor, click_maps: torch.Tensor, cli
     cells around a logit; features (1, C, h, w) from its ``decoder_features``; click_maps
     (1, 3, H, W) as the network saw them (channels 1 and 2: the positive and negative disks);
     clicks in the same pixels. The loss is a binary cross-entropy on the feature-grid cells under
-    each click's disk, weighted by how much of a cell the disk covers, computed on ``ClickWindows``;
-    the result is the head on the full map. The network's own weights are not changed.
+    each click's disk, weighted by how much of a cell the disk covers, computed exactly on
+    ``ClickWindows``; the result is the head on the full map. The network's weights are not changed.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -101,13 +104,12 @@ def refine_for_clicks(net, features: torch.Tensor, click_maps: torch.Tensor, cli
         scale = torch.ones(1, channels, 1, 1, device=features.device, requires_grad=True)
         bias = torch.zeros(1, channels, 1, 1, device=features.device, requires_grad=True)
         if windows is not None:
-            weight = windows.cover / windows.cover.sum(dim=(1, 2), keepdim=True).clamp_min(1e-6) / len(windows.labels)
+            weight = windows.weight / windows.weight.sum(dim=(1, 2), keepdim=True).clamp_min(1e-6) / len(windows.labels)
             target = windows.labels.view(-1, 1, 1).expand_as(weight)
-            inner = slice(HEAD_HALO, -HEAD_HALO)
 
             def closure() -> torch.Tensor:
-                logits = net.head_logits(windows.features * scale + bias, windows.clicks_small).float()
-                bce = F.binary_cross_entropy_with_logits(logits[:, 0, inner, inner], target, reduction="none")
+                logits = net.head_logits(windows.features * scale + bias, windows.clicks_small).float()[:, 0]
+                bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
                 loss = (bce * weight).sum() + weight_decay * (((scale - 1) ** 2).sum() + (bias ** 2).sum())
                 scale.grad, bias.grad = torch.autograd.grad(loss, [scale, bias])
                 return loss.detach()

@@ -123,7 +123,8 @@ class ClickSegPredictor:
         if click_refinement_iterations < 0:
             raise ValueError(f"click_refinement_iterations must be >= 0, got {click_refinement_iterations}")
         if click_refinement_iterations and not refinable:
-            raise ValueError(f"click refinement needs a network with decoder_features; {net.arch_name} has none")
+            raise ValueError(f"click_refinement_iterations={click_refinement_iterations}: {net.arch_name} has no "
+                             "decoder_features to refine (use 0)")
         if click_refinement_iterations and flip:
             raise ValueError("click refinement and flip do not combine: choose one")
         self.device = torch.device(device)
@@ -338,7 +339,7 @@ class ClickSegPredictor:
             prob = new_prob
             if flipped <= self.cfr_min_change:
                 break
-        self.last_click_refined = bool(self.click_refinement_iterations) and clicks_disagree(prob, view_clicks)
+        self.last_click_refined = self._refining and clicks_disagree(prob, view_clicks)
         if self.last_click_refined:  # the last pass's head again, on decoder features refined for the clicks
             features, maps = self._last_pass
             prob = refine_for_clicks(self.net, features, maps, view_clicks, self.click_refinement_iterations)
@@ -352,8 +353,13 @@ class ClickSegPredictor:
             prob = 0.5 * (prob + flip(self._prob(prepared_flipped, flip(maps), ih, iw)))
         return prob
 
+    @property
+    def _refining(self) -> bool:
+        """Click refinement is on (it runs on the unflipped pass only, so flip switched on later stops it)."""
+        return bool(self.click_refinement_iterations) and not self.flip
+
     def _prob(self, prepared, maps: torch.Tensor, ih: int, iw: int) -> torch.Tensor:
-        if self.click_refinement_iterations:  # keep what click refinement starts from (flip is off)
+        if self._refining:  # keep what click refinement starts from
             self._last_pass = (self.net.decoder_features(prepared, maps), maps)
             logits = self.net.head_logits(*self._last_pass)
         else:

@@ -91,3 +91,14 @@ def test_the_product_table_shows_the_baseline_beside_it(tmp_path, objects, capsy
     assert "vs the baseline's" in out
     with pytest.raises(SystemExit, match="does not apply to --multi-object"):
         protocol.main(args + ["--multi-object"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--click-refinement", "-1"], "--click-refinement must be >= 0"),
+    (["--cfr-steps", "-2"], "--cfr-steps must be >= 0"),
+    (["--click-refinement", "5", "--backend-url", "http://127.0.0.1:9", "--local-files-root", "."],
+     "a running backend .* has its own CFR_STEPS and CLICK_REFINEMENT"),
+])
+def test_predictor_flags_are_checked_before_any_work(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        protocol.main(["--dataset", "folder:/nonexistent", "--out-dir", str(tmp_path)] + extra)

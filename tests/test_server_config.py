@@ -59,3 +59,21 @@ def test_bad_values_name_the_variable(env, fragment):
     with pytest.raises(ValueError) as info:
         Settings.from_env(env)
     assert fragment in str(info.value)
+
+
+def test_click_refinement_on_a_network_without_it_is_a_503_naming_the_variable(tmp_path):
+    from backend.errors import BackendError
+    from backend.service import ClickSegModel
+    from model.checkpoint import save_checkpoint
+    from model.nets.registry import create_model
+
+    net = create_model("plainvit", {"input_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 4, "num_heads": 2,
+                                    "neck_out_dims": [8, 8, 8, 8], "head_channels": 8})
+    save_checkpoint(net, tmp_path / "vit.safetensors")
+    env = {"MODEL_DIR": str(tmp_path), "CHECKPOINT": "vit.safetensors", "DEVICE": "cpu"}
+    model = ClickSegModel(Settings.from_env({**env, "CLICK_REFINEMENT": "3"}))
+    with pytest.raises(BackendError) as info:
+        model.predictor
+    assert info.value.status == 503
+    assert "CLICK_REFINEMENT=3" in str(info.value) and "no decoder_features" in str(info.value)
+    assert ClickSegModel(Settings.from_env(env)).predictor.click_refinement_iterations == 0  # unset: off for it

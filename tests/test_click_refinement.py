@@ -176,3 +176,31 @@ def test_refinement_needs_an_iteration():
     features, maps = features_and_maps(net, [Click(40, 40)])
     with pytest.raises(ValueError, match="iterations"):
         refine_for_clicks(net, features, maps, [Click(40, 40)], iterations=0)
+
+
+def test_the_evaluation_records_which_clicks_were_refined():
+    from model.evaluation.evaluate import evaluate_objects
+
+    class Sample:
+        name, image_id = "square", "square"
+        image = square_image()
+        mask = np.zeros((120, 160), bool)
+        mask[40:80, 50:110] = True
+
+    class EveryOtherClickRefined:
+        """A stand-in predictor that reports refinement on clicks 2 and 4."""
+        model_version = "stand-in"
+        last_click_refined = False
+
+        def encode_image(self, image):
+            return image
+
+        def predict(self, state, clicks, prev_mask=None):
+            self.last_click_refined = len(clicks) % 2 == 0
+            prob = np.zeros((120, 160), np.float32)
+            prob[45:75, 55:105] = 1
+            return prob
+
+    result = evaluate_objects(EveryOtherClickRefined(), [Sample()], max_clicks=4)
+    assert result.objects[0].refined_clicks == [2, 4]
+    assert result.summary()["refined_clicks"] == 2

@@ -68,6 +68,7 @@ class ObjectResult:
     clicks: List[Tuple[float, float, bool]]  # (y, x, is_positive) actually made
     click_seconds: List[float]  # predict() time of each click made
     encode_seconds: float  # encode_image() time (0.0 when the image's encoding was reused)
+    refined_clicks: List[int] = field(default_factory=list)  # click numbers (1-based) that ran click refinement
 
 
 @dataclass
@@ -81,6 +82,7 @@ class EvalResult:
         click_seconds = [s for o in self.objects for s in o.click_seconds]
         encodes = [o.encode_seconds for o in self.objects if o.encode_seconds > 0]
         summary["clicks_made"] = len(click_seconds)
+        summary["refined_clicks"] = sum(len(o.refined_clicks) for o in self.objects)
         summary["mean_seconds_per_click"] = float(np.mean(click_seconds))
         summary["mean_encode_seconds"] = float(np.mean(encodes)) if encodes else 0.0
         return summary
@@ -96,11 +98,13 @@ def evaluate_object(
     max_clicks: int = 20,
     stop_at_iou: Optional[float] = None,
     pred_threshold: float = MASK_THRESHOLD,
-) -> Tuple[List[float], List[Click], List[float]]:
-    """Click on one object; returns (IoU curve of length max_clicks, clicks made, predict seconds per click)."""
+) -> Tuple[List[float], List[Click], List[float], List[int]]:
+    """Click on one object; returns (IoU curve of length max_clicks, clicks made, predict seconds per
+    click, the numbers of the clicks that ran click refinement)."""
     clicker = Clicker(gt)
     ious: List[float] = []
     seconds: List[float] = []
+    refined: List[int] = []
     pred: Optional[np.ndarray] = None
     prev_mask: Optional[np.ndarray] = None
     for _ in range(max_clicks):
@@ -108,6 +112,8 @@ def evaluate_object(
         start = time.perf_counter()
         prob = predictor.predict(state, list(clicker.clicks), prev_mask)
         seconds.append(time.perf_counter() - start)
+        if getattr(predictor, "last_click_refined", False):
+            refined.append(len(clicker.clicks))
         prob = np.asarray(prob)
         if prob.shape != gt.shape:
             raise ValueError(f"predictor returned a {prob.shape} map for a {gt.shape} ground truth")
@@ -117,7 +123,7 @@ def evaluate_object(
         if stop_at_iou is not None and ious[-1] >= stop_at_iou:
             break
     padded = ious + [ious[-1]] * (max_clicks - len(ious))
-    return padded, list(clicker.clicks), seconds
+    return padded, list(clicker.clicks), seconds, refined
 
 
 def evaluate_objects(
@@ -153,7 +159,7 @@ def evaluate_objects(
             state = predictor.encode_image(sample.image)
             encode_seconds = time.perf_counter() - start
             last_image = sample.image
-        ious, clicks, seconds = evaluate_object(predictor, state, mask, max_clicks, stop_at_iou, pred_threshold)
+        ious, clicks, seconds, refined = evaluate_object(predictor, state, mask, max_clicks, stop_at_iou, pred_threshold)
         results.append(ObjectResult(
             name=sample.name,
             image_id=sample.image_id,
@@ -161,6 +167,7 @@ def evaluate_objects(
             clicks=[(c.y, c.x, c.is_positive) for c in clicks],
             click_seconds=seconds,
             encode_seconds=encode_seconds,
+            refined_clicks=refined,
         ))
     settings = {"max_clicks": max_clicks, "stop_at_iou": stop_at_iou, "pred_threshold": pred_threshold,
                 "model_version": getattr(predictor, "model_version", None)}

@@ -357,9 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfr.add_argument("--no-cfr", action="store_true", help="disable CFR (cfr_steps=0)")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--no-zoom-in", action="store_true", help="disable zoom-in on the object")
-    p.add_argument("--click-refinement", type=int, default=None, metavar="ITERATIONS",
-                   help="f-BRS-style click-consistency refinement: L-BFGS iterations when a click is contradicted "
-                        "(0 = off; default: the predictor's)")
+    add_click_refinement_argument(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default=None, help="name of this run in the table, plot and file names")
     p.add_argument("--out-dir", required=True)
@@ -367,6 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=sorted(BASELINES), default=None,
                    help="also run this classical baseline on the same objects (cached in --out-dir)")
     return p
+
+
+def add_click_refinement_argument(parser: argparse.ArgumentParser) -> None:
+    """``--click-refinement``, shared with ``model.evaluation.suite``; read by ``load_predictor``."""
+    parser.add_argument("--click-refinement", type=int, default=None, metavar="ITERATIONS",
+                        help="f-BRS-style click-consistency refinement: L-BFGS iterations when a click is "
+                             "contradicted (0 = off; default: the predictor's)")
+
+
+def load_predictor(checkpoint: str, device: str, click_refinement: Optional[int],
+                   options: Dict[str, Any]) -> ClickSegPredictor:
+    """The CLIs' predictor: ``options`` plus ``--click-refinement`` when given (added to ``options``);
+    a bad value or combination exits with the predictor's message."""
+    if click_refinement is not None:
+        if click_refinement < 0:
+            raise SystemExit(f"--click-refinement must be >= 0, got {click_refinement}")
+        options["click_refinement_iterations"] = click_refinement
+    try:
+        return ClickSegPredictor.from_checkpoint(checkpoint, device=device, **options)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def default_label(args: argparse.Namespace, checkpoint: str) -> str:
@@ -385,19 +404,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     compare = [load_run(p) for p in args.compare]  # fail before the long run
 
     checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
-    if args.click_refinement is not None and args.click_refinement < 0:
-        raise SystemExit(f"--click-refinement must be >= 0, got {args.click_refinement}")
     options: Dict[str, Any] = {"zoom_in": not args.no_zoom_in, "flip": args.flip}
-    if args.click_refinement is not None:
-        options["click_refinement_iterations"] = args.click_refinement
     if args.no_cfr:
         options["cfr_steps"] = 0
     elif args.cfr_steps is not None:
         options["cfr_steps"] = args.cfr_steps
-    try:
-        predictor = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, **options)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    predictor = load_predictor(checkpoint, args.device, args.click_refinement, options)
     objects = open_objects(args.dataset, max_objects=args.max_objects, seed=args.seed)
     if not objects:
         raise SystemExit(f"dataset {args.dataset} holds no objects")

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from ..data import open_objects
-from ..predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
+from ..predictor import DEFAULT_CHECKPOINT
 from .benchmark import machine_info
-from .evaluate import (BASELINE_TARGET, EvalResult, baseline_run, cached_evaluation, evaluate_objects, noc90_change,
-                       safe_filename, versus_baseline)
+from .evaluate import (BASELINE_TARGET, EvalResult, add_click_refinement_argument, baseline_run, cached_evaluation,
+                       evaluate_objects, load_predictor, noc90_change, safe_filename, versus_baseline)
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clicks", type=int, default=20)
     p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluation.evaluate")
     p.add_argument("--cfr-steps", type=int, default=None, help="CFR refinement steps (default: the predictor's)")
-    p.add_argument("--click-refinement", type=int, default=None, metavar="ITERATIONS",
-                   help="f-BRS-style click-consistency refinement: L-BFGS iterations when a click is contradicted "
-                        "(0 = off; default: the predictor's)")
+    add_click_refinement_argument(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default=None, help="the model's name in the table (default: the checkpoint's stem)")
     p.add_argument("--out-dir", required=True)
@@ -153,17 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not Path(args.data_root).is_dir():
         raise SystemExit(f"--data-root {args.data_root} is not a directory")
     checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
-    if args.click_refinement is not None and args.click_refinement < 0:
-        raise SystemExit(f"--click-refinement must be >= 0, got {args.click_refinement}")
-    options: Dict[str, Any] = {}
-    if args.click_refinement is not None:
-        options["click_refinement_iterations"] = args.click_refinement
-    if args.cfr_steps is not None:
-        options["cfr_steps"] = args.cfr_steps
-    try:
-        predictor = ClickSegPredictor.from_checkpoint(checkpoint, device=args.device, **options)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    options: Dict[str, Any] = {} if args.cfr_steps is None else {"cfr_steps": args.cfr_steps}
+    predictor = load_predictor(checkpoint, args.device, args.click_refinement, options)
     label = args.label or Path(checkpoint).stem
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

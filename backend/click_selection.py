@@ -251,8 +251,9 @@ def first_active_index(prompts: Sequence[Prompt], regions: RegionMasks, excluded
 class ImagePredictor(Protocol):
     """The model on one task's image (``backend.interactive.ImageModel``)."""
 
-    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray]) -> np.ndarray:
-        """Probability map float32 (H, W) of ``clicks`` (full-image pixels), ``prev_prob`` fed back."""
+    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray], boxed: bool = False) -> np.ndarray:
+        """Probability map float32 (H, W) of ``clicks`` (full-image pixels), ``prev_prob`` fed back;
+        ``boxed``: the object was started by a box (every part inside it is kept)."""
 
 
 def object_id(namespace: Tuple[str, int], prompt: Prompt) -> str:
@@ -357,7 +358,7 @@ class ObjectTracker:
                history: ClickHistory, prob: Optional[np.ndarray] = None) -> TrackedObject:
         history.starts.append(index)
         if prob is None and not self._deferring:
-            prob = self._run(clicks, None)
+            prob = self._run(clicks, None, boxed=crop is not None)
         return TrackedObject(index, object_id(self._namespace, prompt), clicks,
                              None if prob is None else apply_crop(prob, crop), crop)
 
@@ -368,9 +369,10 @@ class ObjectTracker:
         if self._deferring:
             current.prob = None  # computed, from all its clicks, by the first call that is not deferred
         else:
-            current.prob = apply_crop(self._run(current.clicks, current.prob), current.crop)
+            current.prob = apply_crop(self._run(current.clicks, current.prob, boxed=current.crop is not None),
+                                      current.crop)
         return current
 
-    def _run(self, clicks: List[Click], prev_prob: Optional[np.ndarray]) -> np.ndarray:
+    def _run(self, clicks: List[Click], prev_prob: Optional[np.ndarray], boxed: bool = False) -> np.ndarray:
         self.predictions += 1
-        return self._model.predict(clicks, prev_prob)
+        return self._model.predict(clicks, prev_prob, boxed)

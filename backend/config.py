@@ -26,7 +26,7 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 # Every variable the settings read: a training job (``backend.fit_worker``) gets exactly these
 # values from the server that starts it, whatever its own environment holds.
 ENV_VARS = (
-    "MODEL_DIR", "CHECKPOINT", "DEVICE", "CFR_STEPS", "CLICK_REFINEMENT", "WORKERS", "THREADS", "LOG_LEVEL", "HOST", "PORT",
+    "MODEL_DIR", "CHECKPOINT", "DEVICE", "CFR_STEPS", "CLICK_REFINEMENT", "CLICKED_COMPONENTS_ONLY", "WORKERS", "THREADS", "LOG_LEVEL", "HOST", "PORT",
     "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SESSION_CACHE_BYTES", "EXEMPLAR_MAX_TASKS", "REQUEST_READ_TIMEOUT",
     "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "ALLOWED_IMAGE_HOSTS",
     "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES",
@@ -176,6 +176,8 @@ class Settings:
     request_read_timeout: int = 15  # REQUEST_READ_TIMEOUT: seconds a client may stay silent mid-request (gunicorn)
     # CLICK_REFINEMENT: L-BFGS iterations of click refinement (0 = off); None = the predictor's default
     click_refinement: Optional[int] = None
+    # CLICKED_COMPONENTS_ONLY: masks keep only their connected parts that hold a positive click
+    clicked_components_only: bool = True
     recall: bool = True  # RECALL: propose objects like the accepted ones (models with a recall branch)
     recall_min_score: float = PROPOSAL_MIN_SCORE  # RECALL_MIN_SCORE: proposals scoring less are dropped
     recall_min_area: int = 64  # RECALL_MIN_AREA: smallest proposal, in image pixels
@@ -192,7 +194,8 @@ class Settings:
     def predictor_options(self) -> Dict[str, Any]:
         """``ClickSegPredictor`` options of every predictor the backend builds (served or evaluated)."""
         return {"device": str(resolve_device(self.device)), "cfr_steps": self.cfr_steps,
-                "click_refinement_iterations": self.click_refinement}
+                "click_refinement_iterations": self.click_refinement,
+                "clicked_components_only": self.clicked_components_only}
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -214,6 +217,7 @@ class Settings:
             device=_device(env.get("DEVICE", "auto")),
             cfr_steps=_int(env, "CFR_STEPS", 2, minimum=0),
             click_refinement=_int(env, "CLICK_REFINEMENT", None, minimum=0),
+            clicked_components_only=_bool(env, "CLICKED_COMPONENTS_ONLY", True),
             workers=_int(env, "WORKERS", 1, minimum=1),
             threads=_int(env, "THREADS", 16, minimum=1),
             log_level=log_level,

@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="CHECKPOINT of the in-process backend (default: the embedded one)")
     p.add_argument("--cfr-steps", type=int, default=None, help="CFR_STEPS of the in-process backend")
     p.add_argument("--click-refinement", type=int, default=None, help="CLICK_REFINEMENT of the in-process backend")
+    p.add_argument("--all-components", action="store_true",
+                   help="CLICKED_COMPONENTS_ONLY=false for the in-process backend: keep unclicked mask parts")
     p.add_argument("--backend-url", default=None, help="evaluate a running backend instead of the in-process one")
     p.add_argument("--local-files-root", default=None, help="with --backend-url: its LOCAL_FILES_DOCUMENT_ROOT")
     p.add_argument("--basic-auth", default=None, help="with --backend-url: USER:PASS")
@@ -284,6 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value is not None and args.backend_url:
             raise SystemExit(f"{flag} sets the in-process backend; a running backend (--backend-url) "
                              "has its own CFR_STEPS and CLICK_REFINEMENT")
+    if args.all_components and args.backend_url:
+        raise SystemExit("--all-components sets the in-process backend; a running backend (--backend-url) "
+                         "has its own CLICKED_COMPONENTS_ONLY")
     if args.baseline and args.multi_object:
         raise SystemExit("--baseline plays single objects; it does not apply to --multi-object")
     compare = [load_run(p) for p in args.compare]
@@ -306,6 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             env["CFR_STEPS"] = str(args.cfr_steps)
         if args.click_refinement is not None:
             env["CLICK_REFINEMENT"] = str(args.click_refinement)
+        if args.all_components:
+            env["CLICKED_COMPONENTS_ONLY"] = "false"
         post, image_url = wsgi_target(env)
         target = "wsgi"
     print(f"playing {len(objects)} objects of {args.dataset} through /predict ({target})", file=sys.stderr)
@@ -317,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "label": args.label or ("product-multi-object" if args.multi_object else "product"),
         "dataset": args.dataset, "max_objects": args.max_objects, "seed": args.seed, "target": target,
         "checkpoint": args.checkpoint, "cfr_steps": args.cfr_steps, "click_refinement": args.click_refinement,
+        "all_components": args.all_components,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
     baseline = None

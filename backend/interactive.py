@@ -98,10 +98,12 @@ class ImageModel:
     def __init__(self, predictor: ClickSegPredictor, state: ImageState, model_thread: ModelThread):
         self.predictor, self.state, self._model_thread = predictor, state, model_thread
 
-    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray]) -> np.ndarray:
-        """Probability map float32 (H, W) of ``clicks``, with ``prev_prob`` fed back."""
+    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray], boxed: bool = False) -> np.ndarray:
+        """Probability map float32 (H, W) of ``clicks``, with ``prev_prob`` fed back; ``boxed``: a box
+        started the object, so its parts without a positive click stay (the box bounds them)."""
+        options = {"clicked_components_only": False} if boxed else {}
         try:
-            return self._model_thread.run(self.predictor.predict, self.state, clicks, prev_mask=prev_prob)
+            return self._model_thread.run(self.predictor.predict, self.state, clicks, prev_mask=prev_prob, **options)
         except ValueError as exc:
             raise bad_request(f"the model rejected the clicks: {exc}") from None
 

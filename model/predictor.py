@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .checkpoint import load_checkpoint
 from .click_refinement import clicks_disagree, refine_for_clicks
+from .clicked_components import keep_clicked_components
 from .clicks import MASK_THRESHOLD, Click, encode_click_maps, validate_clicks
 from .nets.recall import RECALL_CLICK_RADIUS, RECALL_STRIDE, RecallFeatures
 from .transforms import ZoomIn, flip, map_click, map_clicks, network_shape, resize, shrink_map, working_shape
@@ -98,6 +99,8 @@ class ClickSegPredictor:
             L-BFGS iterations of f-BRS-style click-consistency refinement (``model.click_refinement``);
             0 = off; None = ``DEFAULT_CLICK_REFINEMENT_ITERATIONS`` where the network has
             ``decoder_features`` and flip is off, else off.
+        clicked_components_only: the mask keeps only its connected parts that hold a positive click
+            (``model.clicked_components``); the others drop just below the threshold.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class ClickSegPredictor:
         zoom_min_crop: int = 64,
         flip: bool = False,
         click_refinement_iterations: Optional[int] = None,
+        clicked_components_only: bool = True,
         max_working_side: int = 1280,
         device: Union[str, torch.device] = "cpu",
     ):
@@ -141,6 +145,7 @@ class ClickSegPredictor:
         self.zoom_min_crop = zoom_min_crop
         self.flip = flip
         self.click_refinement_iterations = click_refinement_iterations
+        self.clicked_components_only = clicked_components_only
         self.max_working_side = max_working_side
         self.last_cfr_passes = 0  # passes run by the last predict(), for benchmarks and tests
         self.last_click_refined = False  # whether the last predict() ran click refinement
@@ -258,12 +263,15 @@ class ClickSegPredictor:
         image: Union[np.ndarray, ImageState],
         clicks: Sequence[Click],
         prev_mask: Optional[np.ndarray] = None,
+        clicked_components_only: Optional[bool] = None,
     ) -> np.ndarray:
         """Probability map (H, W) float32 for ``clicks`` (full-image pixels) on ``image``.
 
         ``image`` is an ``ImageState`` from ``encode_image`` or a uint8 array (re-encoded
         unless it is the array of the previous call). ``prev_mask`` is the previous
-        probability map (H, W) of this object, or None.
+        probability map (H, W) of this object, or None. ``clicked_components_only`` overrides
+        the predictor's setting for this call (False for a box's clicks: the box, not its
+        centre click, says where the object is).
         """
         state = self._state_for(image)
         clicks = list(clicks)
@@ -280,6 +288,8 @@ class ClickSegPredictor:
             prob_working = resize(prob_view, state.working_size)
         else:
             prob_working = zoom.paste(resize(prob_view, zoom.shape))
+        if self.clicked_components_only if clicked_components_only is None else clicked_components_only:
+            prob_working = keep_clicked_components(prob_working, [map_click(c, state.working_scale) for c in clicks])
         full = resize(prob_working, (state.height, state.width))[0, 0].clamp_(0, 1).float().cpu().numpy()
         state.last_output, state.last_output_working = full, prob_working
         return full

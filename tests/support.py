@@ -291,7 +291,8 @@ class ColourRegionPredictor:
 
     Pixels of colour ``HARD`` join only when a positive click lies on them, and a negative
     click removes the pixels of its colour: enough structure to need refinement clicks.
-    Records ``(number of clicks, prev_mask given)`` of every predict call.
+    Records ``(number of clicks, prev_mask given)`` of every predict call, and its
+    ``clicked_components_only`` override.
     """
 
     model_version = "colour-regions"
@@ -299,12 +300,15 @@ class ColourRegionPredictor:
 
     def __init__(self):
         self.calls: List[Tuple[int, bool]] = []
+        self.clicked_components_only: List[Optional[bool]] = []
 
     def encode_image(self, image: np.ndarray, size=None) -> FakeImageState:
         assert size is None or tuple(size) == image.shape[:2], "the fake works on full-size images only"
         return FakeImageState(image.shape[0], image.shape[1], image)
 
-    def predict(self, state: FakeImageState, clicks: Sequence[Click], prev_mask=None) -> np.ndarray:
+    def predict(self, state: FakeImageState, clicks: Sequence[Click], prev_mask=None,
+                clicked_components_only=None) -> np.ndarray:
+        self.clicked_components_only.append(clicked_components_only)
         self.calls.append((len(clicks), prev_mask is not None))
         image = state.image
         foreground = np.any(image != BACKGROUND, axis=2)

@@ -98,6 +98,8 @@ def test_the_product_table_shows_the_baseline_beside_it(tmp_path, objects, capsy
     (["--cfr-steps", "-2"], "--cfr-steps must be >= 0"),
     (["--click-refinement", "5", "--backend-url", "http://127.0.0.1:9", "--local-files-root", "."],
      "a running backend .* has its own CFR_STEPS and CLICK_REFINEMENT"),
+    (["--all-components", "--backend-url", "http://127.0.0.1:9", "--local-files-root", "."],
+     "a running backend .* has its own CLICKED_COMPONENTS_ONLY"),
 ])
 def test_predictor_flags_are_checked_before_any_work(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):

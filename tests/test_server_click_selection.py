@@ -227,6 +227,15 @@ def test_a_box_prompt_gives_a_mask_cropped_to_the_box(backend):
     assert np.array_equal(decode_region(region), expected)
 
 
+def test_a_box_keeps_every_part_inside_it_and_clicks_keep_the_clicked_parts_only(backend):
+    backend.predictor.clicked_components_only.clear()
+    backend.click(backend.url, [rectangle(100, 20, 150, 70)])
+    backend.click(backend.url, [rectangle(100, 20, 150, 70), pixel_keypoint(120, 40)])
+    assert backend.predictor.clicked_components_only == [False, False]  # the box's object, refined too
+    backend.click(backend.url, [A1])
+    assert backend.predictor.clicked_components_only[-1] is None  # the predictor's setting
+
+
 def test_saved_masks_are_decoded_once_per_task(backend, monkeypatch):
     decoded = []
     real = click_selection.rle_to_mask

@@ -17,11 +17,13 @@ def test_defaults_serve_the_embedded_checkpoint():
     assert settings.session_cache_bytes == 1 << 30 and not settings.auth_enabled
     assert settings.image_access.max_image_pixels == 50_000_000
     assert settings.click_refinement is None  # the predictor's default
+    assert settings.clicked_components_only
 
 
 def test_every_variable_is_read(tmp_path):
     settings = Settings.from_env({
         "MODEL_DIR": str(tmp_path), "CHECKPOINT": "tuned.safetensors", "DEVICE": "cuda:1", "CFR_STEPS": "0", "CLICK_REFINEMENT": "5",
+        "CLICKED_COMPONENTS_ONLY": "false",
         "WORKERS": "3", "THREADS": "8", "LOG_LEVEL": "debug", "HOST": "127.0.0.1", "PORT": "8000",
         "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw", "SESSION_CACHE_BYTES": "1000",
         "LABEL_STUDIO_URL": "http://label-studio:8080", "LABEL_STUDIO_API_KEY": "k",
@@ -31,7 +33,8 @@ def test_every_variable_is_read(tmp_path):
     assert settings.checkpoint == tmp_path / "tuned.safetensors"  # relative to MODEL_DIR
     assert (settings.device, settings.cfr_steps, settings.workers, settings.threads) == ("cuda:1", 0, 3, 8)
     assert settings.click_refinement == 5
-    assert settings.predictor_options() == {"device": "cuda:1", "cfr_steps": 0, "click_refinement_iterations": 5}
+    assert settings.predictor_options() == {"device": "cuda:1", "cfr_steps": 0, "click_refinement_iterations": 5,
+                                            "clicked_components_only": False}
     assert (settings.host, settings.port, settings.log_level) == ("127.0.0.1", 8000, "DEBUG")
     assert settings.auth_enabled and settings.session_cache_bytes == 1000
     access = settings.image_access
@@ -49,6 +52,7 @@ def test_an_absolute_checkpoint_ignores_model_dir(tmp_path):
     ({"CFR_STEPS": "two"}, "CFR_STEPS='two' is not an integer"),
     ({"WORKERS": "0"}, "WORKERS=0 must be at least 1"),
     ({"CLICK_REFINEMENT": "-1"}, "CLICK_REFINEMENT=-1 must be at least 0"),
+    ({"CLICKED_COMPONENTS_ONLY": "maybe"}, "CLICKED_COMPONENTS_ONLY='maybe' is not a boolean"),
     ({"PORT": "-1"}, "PORT=-1"),
     ({"DEVICE": "tpu"}, "DEVICE='tpu'"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD'"),

@@ -171,7 +171,7 @@ class RecordingPredictor:
     def encode_image(self, image, size=None):
         return self.predictor.encode_image(image, size)
 
-    def predict(self, state, clicks, prev_mask=None):
+    def predict(self, state, clicks, prev_mask=None, clicked_components_only=None):
         self.calls.append((list(clicks), prev_mask is not None))
         return self.predictor.predict(state, clicks, prev_mask=prev_mask)
 

@@ -94,7 +94,7 @@ class ScenePredictor(ClickSegPredictor):
         self.recall_encodes = 0
         self.exemplars = []  # the exemplar mask of each recall call
 
-    def predict(self, state, clicks, prev_mask=None):
+    def predict(self, state, clicks, prev_mask=None, clicked_components_only=None):
         image = (state.working[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         prob = ColourRegionPredictor().predict(FakeImageState(state.height, state.width, image), clicks)
         state.last_output, state.last_output_working = prob, None
@@ -346,7 +346,7 @@ def test_the_service_runs_predict_and_recall_on_the_model_thread(tmp_path):
     seen = []
 
     class Recording(ScenePredictor):
-        def predict(self, state, clicks, prev_mask=None):
+        def predict(self, state, clicks, prev_mask=None, clicked_components_only=None):
             seen.append(("predict", threading.current_thread().name))
             return super().predict(state, clicks, prev_mask)
 

@@ -64,7 +64,7 @@ def test_click_refinement_is_its_own_cached_run(tmp_path, capsys):
     assert suite_main(common + ["--label", "default"]) == 0
     tables = capsys.readouterr().out
     assert "no click refinement" in tables and "click refinement 3" in tables
-    assert f"click refinement {DEFAULT_CLICK_REFINEMENT_ITERATIONS})" in tables
+    assert f"click refinement {DEFAULT_CLICK_REFINEMENT_ITERATIONS}, clicked components only)" in tables
 
     def key(label):
         return json.loads((out / f"{label}-pennfudan-heldout.json").read_text())["settings"]["cache_key"]
@@ -73,6 +73,24 @@ def test_click_refinement_is_its_own_cached_run(tmp_path, capsys):
     assert key("refined")["click_refinement_iterations"] == 3
     assert key("default")["click_refinement_iterations"] == DEFAULT_CLICK_REFINEMENT_ITERATIONS
     assert json.loads((out / "suite-refined.json").read_text())["settings"]["click_refinement_iterations"] == 3
+
+
+def test_all_components_is_its_own_cached_run(tmp_path, capsys):
+    _pennfudan(tmp_path / "data")
+    out = tmp_path / "out"
+    common = ["--data-root", str(tmp_path / "data"), "--sets", "pennfudan-heldout", "--max-clicks", "2",
+              "--out-dir", str(out)]
+    assert suite_main(common + ["--label", "clicked"]) == 0
+    assert suite_main(common + ["--label", "all", "--all-components"]) == 0
+    tables = capsys.readouterr().out
+    assert "clicked components only" in tables and "all components" in tables
+
+    def key(label):
+        return json.loads((out / f"{label}-pennfudan-heldout.json").read_text())["settings"]["cache_key"]
+
+    assert key("clicked")["clicked_components_only"] is True
+    assert "clicked_components_only" not in key("all")  # as in caches made before the option existed
+    assert json.loads((out / "suite-all.json").read_text())["settings"]["clicked_components_only"] is False
 
 
 def test_suite_rejects_bad_click_refinement(tmp_path):

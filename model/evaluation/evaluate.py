@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfr.add_argument("--no-cfr", action="store_true", help="disable CFR (cfr_steps=0)")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--no-zoom-in", action="store_true", help="disable zoom-in on the object")
-    add_click_refinement_argument(p)
+    add_test_time_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default=None, help="name of this run in the table, plot and file names")
     p.add_argument("--out-dir", required=True)
@@ -367,21 +367,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_click_refinement_argument(parser: argparse.ArgumentParser) -> None:
-    """``--click-refinement``, shared with ``model.evaluation.suite``; read by ``load_predictor``."""
+def add_test_time_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--click-refinement`` and ``--all-components``, shared with ``model.evaluation.suite``; read by
+    ``load_predictor``."""
     parser.add_argument("--click-refinement", type=int, default=None, metavar="ITERATIONS",
                         help="f-BRS-style click-consistency refinement: L-BFGS iterations when a click is "
                              "contradicted (0 = off; default: the predictor's)")
+    parser.add_argument("--all-components", action="store_true",
+                        help="keep the mask's parts that hold no positive click (default: only the clicked "
+                             "parts, model.clicked_components)")
 
 
-def load_predictor(checkpoint: str, device: str, click_refinement: Optional[int],
+def load_predictor(checkpoint: str, device: str, args: argparse.Namespace,
                    options: Dict[str, Any]) -> ClickSegPredictor:
-    """The CLIs' predictor: ``options`` plus ``--click-refinement`` when given (added to ``options``);
-    a bad value or combination exits with the predictor's message."""
-    if click_refinement is not None:
-        if click_refinement < 0:
-            raise SystemExit(f"--click-refinement must be >= 0, got {click_refinement}")
-        options["click_refinement_iterations"] = click_refinement
+    """The CLIs' predictor: ``options`` plus the test-time arguments (added to ``options``); a bad
+    value or combination exits with the predictor's message."""
+    if args.click_refinement is not None:
+        if args.click_refinement < 0:
+            raise SystemExit(f"--click-refinement must be >= 0, got {args.click_refinement}")
+        options["click_refinement_iterations"] = args.click_refinement
+    if args.all_components:
+        options["clicked_components_only"] = False
     try:
         return ClickSegPredictor.from_checkpoint(checkpoint, device=device, **options)
     except ValueError as exc:
@@ -392,6 +398,7 @@ def default_label(args: argparse.Namespace, checkpoint: str) -> str:
     cfr = "cfr-off" if args.no_cfr else ("cfr" if args.cfr_steps is None else f"cfr{args.cfr_steps}")
     parts = [Path(checkpoint).stem, cfr] + (["flip"] if args.flip else []) + (["nozoom"] if args.no_zoom_in else [])
     parts += [] if args.click_refinement is None else [f"refine{args.click_refinement}"]
+    parts += ["all-components"] if args.all_components else []
     return "-".join(parts)
 
 
@@ -409,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options["cfr_steps"] = 0
     elif args.cfr_steps is not None:
         options["cfr_steps"] = args.cfr_steps
-    predictor = load_predictor(checkpoint, args.device, args.click_refinement, options)
+    predictor = load_predictor(checkpoint, args.device, args, options)
     objects = open_objects(args.dataset, max_objects=args.max_objects, seed=args.seed)
     if not objects:
         raise SystemExit(f"dataset {args.dataset} holds no objects")
@@ -424,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "max_objects": args.max_objects,
         "seed": args.seed,
         "predictor_options": {**options, "cfr_steps": predictor.cfr_steps,
-                              "click_refinement_iterations": predictor.click_refinement_iterations},
+                              "click_refinement_iterations": predictor.click_refinement_iterations,
+                              "clicked_components_only": predictor.clicked_components_only},
         "device": args.device,
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -32,7 +32,7 @@ from typing import Any, Dict, Optional, Sequence
 from ..data import open_objects
 from ..predictor import DEFAULT_CHECKPOINT
 from .benchmark import machine_info
-from .evaluate import (BASELINE_TARGET, EvalResult, add_click_refinement_argument, baseline_run, cached_evaluation,
+from .evaluate import (BASELINE_TARGET, EvalResult, add_test_time_arguments, baseline_run, cached_evaluation,
                        evaluate_objects, load_predictor, noc90_change, safe_filename, versus_baseline)
 
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clicks", type=int, default=20)
     p.add_argument("--stop-at-iou", type=float, default=None, help="as model.evaluation.evaluate")
     p.add_argument("--cfr-steps", type=int, default=None, help="CFR refinement steps (default: the predictor's)")
-    add_click_refinement_argument(p)
+    add_test_time_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default=None, help="the model's name in the table (default: the checkpoint's stem)")
     p.add_argument("--out-dir", required=True)
@@ -152,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--data-root {args.data_root} is not a directory")
     checkpoint = str(args.checkpoint or DEFAULT_CHECKPOINT)
     options: Dict[str, Any] = {} if args.cfr_steps is None else {"cfr_steps": args.cfr_steps}
-    predictor = load_predictor(checkpoint, args.device, args.click_refinement, options)
+    predictor = load_predictor(checkpoint, args.device, args, options)
     label = args.label or Path(checkpoint).stem
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "cfr_steps": predictor.cfr_steps, "device": args.device}
     if predictor.click_refinement_iterations:  # absent when off, as in caches made before it existed
         model_key["click_refinement_iterations"] = predictor.click_refinement_iterations
+    if predictor.clicked_components_only:  # absent when off, as in caches made before it existed
+        model_key["clicked_components_only"] = True
 
     sets: Dict[str, Dict[str, Any]] = {}
     for name in names:
@@ -171,9 +173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{name}: " + versus_baseline(sets[name]["model"], sets[name]["baseline"]), file=sys.stderr)
     iterations = predictor.click_refinement_iterations
     refinement = f", click refinement {iterations}" if iterations else ", no click refinement"
+    refinement += ", clicked components only" if predictor.clicked_components_only else ", all components"
     table = format_suite_table(f"{label} ({predictor.model_version}, CFR {predictor.cfr_steps}{refinement})", sets)
     settings = {"label": label, "checkpoint": checkpoint, "model_version": predictor.model_version,
                 "cfr_steps": predictor.cfr_steps, "click_refinement_iterations": iterations,
+                "clicked_components_only": predictor.clicked_components_only,
                 "max_clicks": args.max_clicks, "stop_at_iou": args.stop_at_iou,
                 "max_objects": args.max_objects, "baseline": BASELINE, "machine": machine_info(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

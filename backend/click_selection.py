@@ -22,8 +22,9 @@ every 5 s). The rule (also in the README):
 3. **Auto-Accept on** is the one case without a signal: the editor deletes the prompts after
    every answer, so a lone prompt after a lone prompt may refine the object or start the next.
    A negative click refines it; a positive click inside the current mask refines it; a
-   positive click outside it refines it when its own one-click mask overlaps the current mask
-   (half of the smaller) or touches it, and starts a new object otherwise. Once a request of
+   positive click outside it refines it when its own one-click mask (every part, clicked or
+   not) overlaps the current mask (half of the smaller) or touches it, and starts a new object
+   otherwise (one more model call: the new object's mask keeps its clicked parts only). Once a request of
    the task held two prompts or more, the editor is known to keep them (Auto-Accept off) and
    this case never applies.
 4. **Remembered decisions.** Per task, the server remembers the prompts it has applied and
@@ -251,9 +252,9 @@ def first_active_index(prompts: Sequence[Prompt], regions: RegionMasks, excluded
 class ImagePredictor(Protocol):
     """The model on one task's image (``backend.interactive.ImageModel``)."""
 
-    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray], boxed: bool = False) -> np.ndarray:
+    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray], all_components: bool = False) -> np.ndarray:
         """Probability map float32 (H, W) of ``clicks`` (full-image pixels), ``prev_prob`` fed back;
-        ``boxed``: the object was started by a box (every part inside it is kept)."""
+        ``all_components`` keeps the mask's parts without a positive click (boxes, and rule 3's test)."""
 
 
 def object_id(namespace: Tuple[str, int], prompt: Prompt) -> str:
@@ -347,18 +348,19 @@ class ObjectTracker:
         click = continuous_to_click(*anchor_point(prompt, self.height, self.width), self.height, self.width, prompt.is_positive)
         mask = carried.mask
         if click.is_positive and mask.any() and not mask[int(round(click.y)), int(round(click.x))]:
-            alone = self._run([click], None)
+            # every part the network gives this click alone, so that a missed part of the current
+            # object, apart from it but lit up with it, still counts as the same object
+            alone = self._run([click], None, all_components=True)
             if not same_object(alone > MASK_THRESHOLD, mask):
-                return self._start(0, prompt, [click], None, history, prob=alone)
+                return self._start(0, prompt, [click], None, history)
         carried.start = 0  # its earlier prompts are gone from the context: it now starts before index 0
         history.starts.append(0)
         return self._refine(carried, click)
 
     def _start(self, index: int, prompt: Prompt, clicks: List[Click], crop: Optional[Box],
-               history: ClickHistory, prob: Optional[np.ndarray] = None) -> TrackedObject:
+               history: ClickHistory) -> TrackedObject:
         history.starts.append(index)
-        if prob is None and not self._deferring:
-            prob = self._run(clicks, None, boxed=crop is not None)
+        prob = None if self._deferring else self._run(clicks, None, all_components=crop is not None)
         return TrackedObject(index, object_id(self._namespace, prompt), clicks,
                              None if prob is None else apply_crop(prob, crop), crop)
 
@@ -369,10 +371,10 @@ class ObjectTracker:
         if self._deferring:
             current.prob = None  # computed, from all its clicks, by the first call that is not deferred
         else:
-            current.prob = apply_crop(self._run(current.clicks, current.prob, boxed=current.crop is not None),
+            current.prob = apply_crop(self._run(current.clicks, current.prob, all_components=current.crop is not None),
                                       current.crop)
         return current
 
-    def _run(self, clicks: List[Click], prev_prob: Optional[np.ndarray], boxed: bool = False) -> np.ndarray:
+    def _run(self, clicks: List[Click], prev_prob: Optional[np.ndarray], all_components: bool = False) -> np.ndarray:
         self.predictions += 1
-        return self._model.predict(clicks, prev_prob, boxed)
+        return self._model.predict(clicks, prev_prob, all_components)

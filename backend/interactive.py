@@ -98,10 +98,10 @@ class ImageModel:
     def __init__(self, predictor: ClickSegPredictor, state: ImageState, model_thread: ModelThread):
         self.predictor, self.state, self._model_thread = predictor, state, model_thread
 
-    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray], boxed: bool = False) -> np.ndarray:
-        """Probability map float32 (H, W) of ``clicks``, with ``prev_prob`` fed back; ``boxed``: a box
-        started the object, so its parts without a positive click stay (the box bounds them)."""
-        options = {"clicked_components_only": False} if boxed else {}
+    def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray], all_components: bool = False) -> np.ndarray:
+        """Probability map float32 (H, W) of ``clicks``, with ``prev_prob`` fed back; ``all_components``
+        keeps the parts without a positive click, whatever ``CLICKED_COMPONENTS_ONLY`` says."""
+        options = {"clicked_components_only": False} if all_components else {}
         try:
             return self._model_thread.run(self.predictor.predict, self.state, clicks, prev_mask=prev_prob, **options)
         except ValueError as exc:

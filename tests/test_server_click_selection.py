@@ -128,9 +128,9 @@ def test_auto_accept_on_lone_clicks_refine_or_start_objects(backend):
     assert ids[0] == ids[1] and ids[2] == ids[3] and len({ids[0], ids[2], ids[4]}) == 3
     assert calls == [[(1, False)],
                      [(1, False), (2, True)],  # A2 outside the mask: alone it overlaps A -> refine A
-                     [(1, False)],             # B1 alone is disjoint from A -> B, its own mask is the answer
+                     [(1, False), (1, False)],  # B1 alone (all parts) is disjoint from A -> B, run again for its mask
                      [(2, True)],              # a negative click refines B
-                     [(1, False)]]
+                     [(1, False), (1, False)]]  # C1 the same
 
 
 def test_once_the_editor_kept_two_clicks_a_lone_click_starts_a_new_object(backend):
@@ -234,6 +234,13 @@ def test_a_box_keeps_every_part_inside_it_and_clicks_keep_the_clicked_parts_only
     assert backend.predictor.clicked_components_only == [False, False]  # the box's object, refined too
     backend.click(backend.url, [A1])
     assert backend.predictor.clicked_components_only[-1] is None  # the predictor's setting
+
+
+def test_auto_accept_on_judges_a_lone_click_by_every_part_it_lights_up(backend):
+    backend.click(backend.url, [SEQUENCE[0]])
+    backend.predictor.clicked_components_only.clear()
+    backend.click(backend.url, [SEQUENCE[2]], drafts=[])  # B1 alone: a new object
+    assert backend.predictor.clicked_components_only == [False, None]  # the test, then B's own mask
 
 
 def test_saved_masks_are_decoded_once_per_task(backend, monkeypatch):

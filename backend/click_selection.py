@@ -360,9 +360,8 @@ class ObjectTracker:
     def _start(self, index: int, prompt: Prompt, clicks: List[Click], crop: Optional[Box],
                history: ClickHistory) -> TrackedObject:
         history.starts.append(index)
-        prob = None if self._deferring else self._run(clicks, None, all_components=crop is not None)
-        return TrackedObject(index, object_id(self._namespace, prompt), clicks,
-                             None if prob is None else apply_crop(prob, crop), crop)
+        prob = None if self._deferring else self._object_prob(clicks, None, crop)
+        return TrackedObject(index, object_id(self._namespace, prompt), clicks, prob, crop)
 
     def _refine(self, current: TrackedObject, click: Click) -> TrackedObject:
         current.clicks = current.clicks + [click]
@@ -371,9 +370,12 @@ class ObjectTracker:
         if self._deferring:
             current.prob = None  # computed, from all its clicks, by the first call that is not deferred
         else:
-            current.prob = apply_crop(self._run(current.clicks, current.prob, all_components=current.crop is not None),
-                                      current.crop)
+            current.prob = self._object_prob(current.clicks, current.prob, current.crop)
         return current
+
+    def _object_prob(self, clicks: List[Click], prev_prob: Optional[np.ndarray], crop: Optional[Box]) -> np.ndarray:
+        """An object's map: a box's object (``crop``) keeps every part inside the box, and nothing outside."""
+        return apply_crop(self._run(clicks, prev_prob, all_components=crop is not None), crop)
 
     def _run(self, clicks: List[Click], prev_prob: Optional[np.ndarray], all_components: bool = False) -> np.ndarray:
         self.predictions += 1

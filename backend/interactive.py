@@ -101,9 +101,9 @@ class ImageModel:
     def predict(self, clicks: List[Click], prev_prob: Optional[np.ndarray], all_components: bool = False) -> np.ndarray:
         """Probability map float32 (H, W) of ``clicks``, with ``prev_prob`` fed back; ``all_components``
         keeps the parts without a positive click, whatever ``CLICKED_COMPONENTS_ONLY`` says."""
-        options = {"clicked_components_only": False} if all_components else {}
         try:
-            return self._model_thread.run(self.predictor.predict, self.state, clicks, prev_mask=prev_prob, **options)
+            return self._model_thread.run(self.predictor.predict, self.state, clicks, prev_mask=prev_prob,
+                                          clicked_components_only=False if all_components else None)
         except ValueError as exc:
             raise bad_request(f"the model rejected the clicks: {exc}") from None
 

@@ -288,7 +288,9 @@ class ClickSegPredictor:
             prob_working = resize(prob_view, state.working_size)
         else:
             prob_working = zoom.paste(resize(prob_view, zoom.shape))
-        if self.clicked_components_only if clicked_components_only is None else clicked_components_only:
+        if clicked_components_only is None:
+            clicked_components_only = self.clicked_components_only
+        if clicked_components_only:
             prob_working = keep_clicked_components(prob_working, [map_click(c, state.working_scale) for c in clicks])
         full = resize(prob_working, (state.height, state.width))[0, 0].clamp_(0, 1).float().cpu().numpy()
         state.last_output, state.last_output_working = full, prob_working

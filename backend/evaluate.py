@@ -37,7 +37,7 @@ from PIL import Image
 from model.clicks import Click
 from model.data import open_objects
 from model.evaluation.evaluate import BASELINES, EvalResult, ObjectResult, baseline_run, load_run, report
-from model.evaluation.protocol import Clicker, iou
+from model.evaluation.protocol import Clicker, iou, mask_overlap
 
 from .app import create_app
 from .config import Settings
@@ -111,6 +111,7 @@ class ObjectSession:
         self.seconds: List[float] = []
         self.region: Optional[Dict[str, Any]] = None
         self.mask: Optional[np.ndarray] = None
+        self.first_click: Optional[Dict[str, float]] = None
 
     def click(self, drafts: Sequence[Dict[str, Any]] = ()) -> float:
         """Make the next click, send it, and return the IoU of the answer."""
@@ -123,12 +124,14 @@ class ObjectSession:
         self.region = object_region(answer, self.height, self.width)
         self.mask = region_mask(self.region, self.height, self.width)
         self.ious.append(iou(self.mask, self.gt))
+        if len(self.ious) == 1:
+            self.first_click = mask_overlap(self.mask, self.gt)
         return self.ious[-1]
 
     def result(self, image_id: str, max_clicks: int) -> ObjectResult:
         padded = self.ious + [self.ious[-1]] * (max_clicks - len(self.ious))
         return ObjectResult(self.name, image_id, padded, [(c.y, c.x, c.is_positive) for c in self.clicker.clicks],
-                            self.seconds, 0.0)
+                            self.seconds, 0.0, first_click=self.first_click)
 
 
 def evaluate_through_protocol(post: Post, objects: Sequence[Any], image_url: Callable[[Any], str],

@@ -36,6 +36,7 @@ def test_the_product_matches_the_model_click_by_click(tmp_path, objects):
     for ours, theirs in zip(product.objects, model.objects):
         assert ours.clicks == theirs.clicks
         assert ours.ious == pytest.approx(theirs.ious, abs=1e-3)
+        assert ours.first_click == pytest.approx(theirs.first_click, abs=1e-3)
     for key in ("noc@85", "noc@90", "noc@95"):
         assert product.summary()[key] == model.summary()[key]
 

@@ -12,9 +12,9 @@ import pytest
 from scipy import ndimage
 
 from model.clicks import IGNORE_VALUE, Click
-from model.evaluation.evaluate import (EvalResult, ObjectResult, Run, evaluate_objects, format_table, load_run, main,
-                                       write_outputs)
-from model.evaluation.protocol import Clicker, iou, miou_curve, noc, nof, summarize
+from model.evaluation.evaluate import (EvalResult, ObjectResult, Run, evaluate_objects, format_first_click_table,
+                                       format_table, load_run, main, write_outputs)
+from model.evaluation.protocol import Clicker, by_object_size, iou, mask_overlap, miou_curve, noc, nof, summarize
 from model.predictor import ClickSegPredictor
 
 # --------------------------------------------------------------------------- clicker
@@ -195,12 +195,38 @@ def test_evaluate_objects_with_fake_predictor_gives_known_curves():
     assert s["miou_curve"][0] == pytest.approx((800 / 1240 + 120 / 360 + 0.0) / 3)
     assert s["clicks_made"] == 60 and s["mean_seconds_per_click"] > 0
 
+    # the first click's mask: whole = A + the distractor; only_b = B + the distractor; unreachable = nothing
+    first = [o.first_click for o in result.objects]
+    assert first[0] == pytest.approx({"share": 1000 / 4800, "precision": 800 / 1040, "recall": 0.8})
+    assert first[1] == pytest.approx({"share": 120 / 4800, "precision": 120 / 360, "recall": 1.0})
+    assert first[2] == pytest.approx({"share": 100 / 4800, "precision": 1.0, "recall": 0.0})
+    small, large = s["first_click_by_size"]
+    assert small["share"] == [0.0, 0.05] and small["objects"] == 2 and large["share"] == [0.2, 1.0]
+    assert small["iou"] == pytest.approx((120 / 360) / 2) and small["recall"] == pytest.approx(0.5)
+    assert large["objects"] == 1 and large["precision"] == pytest.approx(800 / 1040)
+    assert format_first_click_table(s["first_click_by_size"]).splitlines()[1].split() == \
+        ["0-", "5", "%", "2", f"{(120 / 360) / 2:.3f}", f"{(1 / 3 + 1) / 2:.3f}", "0.500"]
+
     # prev_mask: None on each object's first click, then the previous probability map itself.
     for i, (n_clicks, prev) in enumerate(predictor.calls):
         if n_clicks == 1:
             assert prev is None
         else:
             assert prev is predictor.returned[i - 1]
+
+
+def test_mask_overlap_leaves_ignored_pixels_out_and_names_bad_input():
+    gt = np.zeros((4, 5), np.uint8)
+    gt[0, :2] = 1
+    gt[3, :] = IGNORE_VALUE
+    pred = np.zeros((4, 5), bool)
+    pred[0, 1:4] = True
+    pred[3, :] = True  # ignored: counts neither way
+    assert mask_overlap(pred, gt) == pytest.approx({"share": 2 / 15, "precision": 1 / 3, "recall": 0.5})
+    with pytest.raises(ValueError, match="object mask is empty"):
+        mask_overlap(pred, np.zeros((4, 5), np.uint8))
+    with pytest.raises(ValueError, match="2 overlaps for 1 IoUs"):
+        by_object_size([mask_overlap(pred, gt)] * 2, [0.5])
 
 
 def test_stop_at_iou_pads_curve_with_last_iou():

@@ -40,7 +40,7 @@ from ..data import open_objects
 from ..predictor import DEFAULT_CHECKPOINT, ClickSegPredictor
 from .grabcut import GrabCutPredictor
 from .machine import machine_info
-from .protocol import Clicker, iou, summarize
+from .protocol import Clicker, by_object_size, iou, mask_overlap, summarize
 
 TABLE_MIOU_CLICKS = (1, 3, 5, 10, 20)
 
@@ -69,6 +69,7 @@ class ObjectResult:
     click_seconds: List[float]  # predict() time of each click made
     encode_seconds: float  # encode_image() time (0.0 when the image's encoding was reused)
     refined_clicks: List[int] = field(default_factory=list)  # click numbers (1-based) that ran click refinement
+    first_click: Optional[Dict[str, float]] = None  # protocol.mask_overlap of the first click's mask
 
 
 @dataclass
@@ -85,6 +86,9 @@ class EvalResult:
         summary["refined_clicks"] = sum(len(o.refined_clicks) for o in self.objects)
         summary["mean_seconds_per_click"] = float(np.mean(click_seconds))
         summary["mean_encode_seconds"] = float(np.mean(encodes)) if encodes else 0.0
+        if all(o.first_click is not None for o in self.objects):
+            summary["first_click_by_size"] = by_object_size([o.first_click for o in self.objects],
+                                                            [o.ious[0] for o in self.objects])
         return summary
 
     def to_json(self) -> Dict[str, Any]:
@@ -98,15 +102,16 @@ def evaluate_object(
     max_clicks: int = 20,
     stop_at_iou: Optional[float] = None,
     pred_threshold: float = MASK_THRESHOLD,
-) -> Tuple[List[float], List[Click], List[float], List[int]]:
+) -> Tuple[List[float], List[Click], List[float], List[int], Dict[str, float]]:
     """Click on one object; returns (IoU curve of length max_clicks, clicks made, predict seconds per
-    click, the numbers of the clicks that ran click refinement)."""
+    click, the numbers of the clicks that ran click refinement, the first click's ``mask_overlap``)."""
     clicker = Clicker(gt)
     ious: List[float] = []
     seconds: List[float] = []
     refined: List[int] = []
     pred: Optional[np.ndarray] = None
     prev_mask: Optional[np.ndarray] = None
+    first_click: Dict[str, float] = {}
     for _ in range(max_clicks):
         clicker.make_next_click(pred)
         start = time.perf_counter()
@@ -120,10 +125,12 @@ def evaluate_object(
         pred = prob > pred_threshold
         prev_mask = prob
         ious.append(iou(pred, gt))
+        if len(ious) == 1:
+            first_click = mask_overlap(pred, gt)
         if stop_at_iou is not None and ious[-1] >= stop_at_iou:
             break
     padded = ious + [ious[-1]] * (max_clicks - len(ious))
-    return padded, list(clicker.clicks), seconds, refined
+    return padded, list(clicker.clicks), seconds, refined, first_click
 
 
 def evaluate_objects(
@@ -159,7 +166,8 @@ def evaluate_objects(
             state = predictor.encode_image(sample.image)
             encode_seconds = time.perf_counter() - start
             last_image = sample.image
-        ious, clicks, seconds, refined = evaluate_object(predictor, state, mask, max_clicks, stop_at_iou, pred_threshold)
+        ious, clicks, seconds, refined, first_click = evaluate_object(predictor, state, mask, max_clicks,
+                                                                      stop_at_iou, pred_threshold)
         results.append(ObjectResult(
             name=sample.name,
             image_id=sample.image_id,
@@ -168,6 +176,7 @@ def evaluate_objects(
             click_seconds=seconds,
             encode_seconds=encode_seconds,
             refined_clicks=refined,
+            first_click=first_click,
         ))
     settings = {"max_clicks": max_clicks, "stop_at_iou": stop_at_iou, "pred_threshold": pred_threshold,
                 "model_version": getattr(predictor, "model_version", None)}
@@ -219,6 +228,16 @@ def format_table(runs: Sequence[Run]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     for r in rows:
         lines.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def format_first_click_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``summary["first_click_by_size"]`` as text: one line per bin of the object's share of the image."""
+    lines = ["first click by object size (share of the image): objects, mIoU@1, precision, recall"]
+    for r in rows:
+        low, high = r["share"]
+        lines.append(f"  {low * 100:4.0f}-{high * 100:3.0f} %  {r['objects']:5d}  {r['iou']:.3f}  "
+                     f"{r['precision']:.3f}  {r['recall']:.3f}")
     return "\n".join(lines)
 
 
@@ -336,6 +355,8 @@ def report(result: EvalResult, out_dir: str | Path, compare: Sequence[Run] = (),
     print(table)
     if baseline:
         print(versus_baseline(result.summary(), baseline.summary))
+    if "first_click_by_size" in result.summary():
+        print(format_first_click_table(result.summary()["first_click_by_size"]))
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
 
 

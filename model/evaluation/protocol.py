@@ -96,3 +96,38 @@ def summarize(curves: Sequence[Sequence[float]], max_clicks: int) -> Dict[str, A
         summary[f"nof@{round(thr * 100)}"] = nof(curves, thr, max_clicks)
     summary["miou_curve"] = miou_curve(curves, max_clicks).tolist()
     return summary
+
+
+# Bins of the object's share of the image for the first-click breakdown: below 5 %, 5-20 %, 20 % and up.
+SIZE_BINS = (0.05, 0.20)
+
+
+def mask_overlap(pred: np.ndarray, gt: np.ndarray) -> Dict[str, float]:
+    """``share`` of the image the object covers, and ``precision`` / ``recall`` of binary ``pred`` on it
+    (pixels where ``gt == IGNORE_VALUE`` left out; precision is 1.0 for an empty prediction)."""
+    gt = np.asarray(gt)
+    valid = gt != IGNORE_VALUE
+    g = (gt > 0) & valid
+    p = np.asarray(pred, dtype=bool) & valid
+    if not g.any():
+        raise ValueError("mask_overlap: the object mask is empty")
+    hit = np.logical_and(p, g).sum()
+    return {"share": float(g.sum() / max(valid.sum(), 1)), "precision": float(hit / p.sum()) if p.any() else 1.0,
+            "recall": float(hit / g.sum())}
+
+
+def by_object_size(first_clicks: Sequence[Dict[str, float]], first_ious: Sequence[float]) -> List[Dict[str, Any]]:
+    """The first click's mean IoU, precision and recall per bin of the object's share of the image
+    (``SIZE_BINS``): shows whether one click over- or under-segments small and large objects."""
+    if len(first_clicks) != len(first_ious):
+        raise ValueError(f"by_object_size: {len(first_clicks)} overlaps for {len(first_ious)} IoUs")
+    edges = (0.0, *SIZE_BINS, 1.0 + 1e-9)
+    rows = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        picked = [i for i, o in enumerate(first_clicks) if low <= o["share"] < high]
+        if picked:
+            rows.append({"share": [low, min(high, 1.0)], "objects": len(picked),
+                         "iou": float(np.mean([first_ious[i] for i in picked])),
+                         "precision": float(np.mean([first_clicks[i]["precision"] for i in picked])),
+                         "recall": float(np.mean([first_clicks[i]["recall"] for i in picked]))})
+    return rows

@@ -33,8 +33,10 @@ def test_suite_table_json_and_cache(tmp_path, capsys):
             "--out-dir", str(out), "--label", "shipped"]
     assert suite_main(args) == 0
     table = capsys.readouterr().out
-    row = next(line for line in table.splitlines() if line.startswith("| pennfudan-heldout"))
+    row, first_click = [line for line in table.splitlines() if line.startswith("| pennfudan-heldout")]
     assert row.split("|")[2].strip() == "2"  # the two held-out images' objects, not the training one
+    # each object (800 of 6 144 pixels, 13 %) falls in the 5-20 % column of the first-click table
+    assert [cell.strip().split(":")[0] for cell in first_click.split("|")[2:5]] == ["-", "2", "-"]
     report = json.loads((out / "suite-shipped.json").read_text())
     entry = report["sets"]["pennfudan-heldout"]
     assert entry["model"]["num_objects"] == entry["baseline"]["num_objects"] == 2
@@ -44,7 +46,7 @@ def test_suite_table_json_and_cache(tmp_path, capsys):
     assert suite_main(args) == 0
     assert [p.stat().st_mtime_ns for p in cached if p.name != "suite-shipped.json"] == \
            [m for p, m in zip(cached, mtimes) if p.name != "suite-shipped.json"]  # nothing re-evaluated
-    assert capsys.readouterr().out.count("| pennfudan-heldout") == 1
+    assert capsys.readouterr().out.count("| pennfudan-heldout") == 2  # from the cache, first clicks included
 
 
 def test_suite_names_bad_arguments(tmp_path):

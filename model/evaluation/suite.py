@@ -34,6 +34,7 @@ from ..predictor import DEFAULT_CHECKPOINT
 from .benchmark import machine_info
 from .evaluate import (BASELINE_TARGET, EvalResult, add_test_time_arguments, baseline_run, cached_evaluation,
                        evaluate_objects, load_predictor, noc90_change, safe_filename, versus_baseline)
+from .protocol import SIZE_BINS
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,24 @@ def format_suite_table(label: str, sets: Dict[str, Dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"Target: NoC@90 at least {BASELINE_TARGET * 100:.0f} % below the baseline on every held-out set."]
     return "\n".join(lines)
+
+
+def format_first_click_sizes(sets: Dict[str, Dict[str, Any]]) -> str:
+    """A markdown table of the model's first click by the object's share of the image (``protocol.by_object_size``),
+    one row per set whose evaluation recorded it (caches written before it existed did not); "" if none did."""
+    bins = [(low, high) for low, high in zip((0.0, *SIZE_BINS), (*SIZE_BINS, 1.0))]
+    header = ["set"] + [f"{low * 100:.0f}-{high * 100:.0f} % of the image" for low, high in bins]
+    lines = []
+    for name, entry in sets.items():
+        rows = {tuple(r["share"]): r for r in entry["model"].get("first_click_by_size", [])}
+        if rows:
+            cells = [f"{rows[b]['objects']}: IoU {rows[b]['iou']:.2f}, P {rows[b]['precision']:.2f}, "
+                     f"R {rows[b]['recall']:.2f}" if b in rows else "-" for b in bins]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["First click by object size (objects: IoU, precision, recall):", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
 
 
 def plot_suite(label: str, sets: Dict[str, Dict[str, Any]], path: Path) -> Path:
@@ -175,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     refinement = f", click refinement {iterations}" if iterations else ", no click refinement"
     refinement += ", clicked components only" if predictor.clicked_components_only else ", all components"
     table = format_suite_table(f"{label} ({predictor.model_version}, CFR {predictor.cfr_steps}{refinement})", sets)
+    first_click = format_first_click_sizes(sets)
+    table += f"\n\n{first_click}" if first_click else ""
     settings = {"label": label, "checkpoint": checkpoint, "model_version": predictor.model_version,
                 "cfr_steps": predictor.cfr_steps, "click_refinement_iterations": iterations,
                 "clicked_components_only": predictor.clicked_components_only,

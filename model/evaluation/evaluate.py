@@ -352,11 +352,12 @@ def report(result: EvalResult, out_dir: str | Path, compare: Sequence[Run] = (),
     ``baseline`` is shown as the second row, with a line on how the run compares with it.
     """
     json_path, png_path, table = write_outputs(result, out_dir, ([baseline] if baseline else []) + list(compare))
+    summary = result.summary()
     print(table)
     if baseline:
-        print(versus_baseline(result.summary(), baseline.summary))
-    if "first_click_by_size" in result.summary():
-        print(format_first_click_table(result.summary()["first_click_by_size"]))
+        print(versus_baseline(summary, baseline.summary))
+    if "first_click_by_size" in summary:
+        print(format_first_click_table(summary["first_click_by_size"]))
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
 
 

@@ -3,7 +3,7 @@ places each next click from the previous prediction's errors, and the metrics of
 ``evaluate``, ``evaluate_mois``, ``benchmark`` and ``backend.evaluate`` all use these."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,12 +48,16 @@ class Clicker:
         return click
 
 
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU of binary ``pred`` against ``gt``, ignoring pixels where ``gt == IGNORE_VALUE``."""
+def _scored_pixels(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(valid, object, prediction)`` boolean maps, the last two without pixels where ``gt == IGNORE_VALUE``."""
     gt = np.asarray(gt)
     valid = gt != IGNORE_VALUE
-    g = (gt > 0) & valid
-    p = np.asarray(pred, dtype=bool) & valid
+    return valid, (gt > 0) & valid, np.asarray(pred, dtype=bool) & valid
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU of binary ``pred`` against ``gt``, ignoring pixels where ``gt == IGNORE_VALUE``."""
+    _, g, p = _scored_pixels(pred, gt)
     union = np.logical_or(p, g).sum()
     if union == 0:
         return 1.0
@@ -98,17 +102,15 @@ def summarize(curves: Sequence[Sequence[float]], max_clicks: int) -> Dict[str, A
     return summary
 
 
-# Bins of the object's share of the image for the first-click breakdown: below 5 %, 5-20 %, 20 % and up.
-SIZE_BINS = (0.05, 0.20)
+# Bins of the object's share of the image for the first-click breakdown: below 5 %, 5-20 %, 20 % and up
+# (the last one includes 1.0).
+SIZE_BINS = ((0.0, 0.05), (0.05, 0.20), (0.20, 1.0))
 
 
 def mask_overlap(pred: np.ndarray, gt: np.ndarray) -> Dict[str, float]:
     """``share`` of the image the object covers, and ``precision`` / ``recall`` of binary ``pred`` on it
     (pixels where ``gt == IGNORE_VALUE`` left out; precision is 1.0 for an empty prediction)."""
-    gt = np.asarray(gt)
-    valid = gt != IGNORE_VALUE
-    g = (gt > 0) & valid
-    p = np.asarray(pred, dtype=bool) & valid
+    valid, g, p = _scored_pixels(pred, gt)
     if not g.any():
         raise ValueError("mask_overlap: the object mask is empty")
     hit = np.logical_and(p, g).sum()
@@ -121,12 +123,13 @@ def by_object_size(first_clicks: Sequence[Dict[str, float]], first_ious: Sequenc
     (``SIZE_BINS``): shows whether one click over- or under-segments small and large objects."""
     if len(first_clicks) != len(first_ious):
         raise ValueError(f"by_object_size: {len(first_clicks)} overlaps for {len(first_ious)} IoUs")
-    edges = (0.0, *SIZE_BINS, 1.0 + 1e-9)
+    bins = [next((b for b, (_, high) in enumerate(SIZE_BINS) if o["share"] < high), len(SIZE_BINS) - 1)
+            for o in first_clicks]
     rows = []
-    for low, high in zip(edges[:-1], edges[1:]):
-        picked = [i for i, o in enumerate(first_clicks) if low <= o["share"] < high]
+    for b, share in enumerate(SIZE_BINS):
+        picked = [i for i, bin_ in enumerate(bins) if bin_ == b]
         if picked:
-            rows.append({"share": [low, min(high, 1.0)], "objects": len(picked),
+            rows.append({"share": list(share), "objects": len(picked),
                          "iou": float(np.mean([first_ious[i] for i in picked])),
                          "precision": float(np.mean([first_clicks[i]["precision"] for i in picked])),
                          "recall": float(np.mean([first_clicks[i]["recall"] for i in picked]))})

@@ -103,14 +103,13 @@ def format_suite_table(label: str, sets: Dict[str, Dict[str, Any]]) -> str:
 def format_first_click_sizes(sets: Dict[str, Dict[str, Any]]) -> str:
     """A markdown table of the model's first click by the object's share of the image (``protocol.by_object_size``),
     one row per set whose evaluation recorded it (caches written before it existed did not); "" if none did."""
-    bins = [(low, high) for low, high in zip((0.0, *SIZE_BINS), (*SIZE_BINS, 1.0))]
-    header = ["set"] + [f"{low * 100:.0f}-{high * 100:.0f} % of the image" for low, high in bins]
+    header = ["set"] + [f"{low * 100:.0f}-{high * 100:.0f} % of the image" for low, high in SIZE_BINS]
     lines = []
     for name, entry in sets.items():
         rows = {tuple(r["share"]): r for r in entry["model"].get("first_click_by_size", [])}
         if rows:
             cells = [f"{rows[b]['objects']}: IoU {rows[b]['iou']:.2f}, P {rows[b]['precision']:.2f}, "
-                     f"R {rows[b]['recall']:.2f}" if b in rows else "-" for b in bins]
+                     f"R {rows[b]['recall']:.2f}" if b in rows else "-" for b in SIZE_BINS]
             lines.append("| " + " | ".join([name, *cells]) + " |")
     if not lines:
         return ""
